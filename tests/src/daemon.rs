@@ -1,0 +1,208 @@
+//! Spawning a vhost-user-blk backend daemon for a test and waiting for its socket.
+//!
+//! Both vublk and qemu-storage-daemon are started through [`Daemon`], so a test or the
+//! benchmark can run the same workload against either one.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// How long a daemon may take to start listening before the fixture gives up.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Path of the workspace's `target/` directory.
+pub fn target_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(dir);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target")
+}
+
+/// The vublk binary under test: `$VUBLK_BIN`, else `target/release/vublk` when asked for with
+/// `VUBLK_PROFILE=release`, else `target/debug/vublk`. The README's test command builds it first.
+pub fn vublk_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("VUBLK_BIN") {
+        return PathBuf::from(bin);
+    }
+    let profile = std::env::var("VUBLK_PROFILE").unwrap_or_else(|_| "debug".to_string());
+    let bin = target_dir().join(profile).join("vublk");
+    assert!(
+        bin.exists(),
+        "vublk binary not found at {}: run `cargo build --bins` first (the README's test command does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Which backend a fixture runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    Vublk,
+    /// `/usr/bin/qemu-storage-daemon --export type=vhost-user-blk`, the incumbent.
+    Qsd,
+}
+
+/// Options shared by both backends.
+#[derive(Clone, Debug)]
+pub struct DiskOptions {
+    pub image: PathBuf,
+    /// `raw` or `qcow2`.
+    pub format: String,
+    pub read_only: bool,
+    /// O_DIRECT (`cache.direct=on` for QSD, `--cache none` for vublk).
+    pub direct: bool,
+    pub num_queues: u16,
+    pub extra_args: Vec<String>,
+}
+
+impl DiskOptions {
+    pub fn raw(image: impl Into<PathBuf>) -> Self {
+        DiskOptions {
+            image: image.into(),
+            format: "raw".to_string(),
+            read_only: false,
+            direct: false,
+            num_queues: 1,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// A running backend daemon, killed (SIGKILL) and reaped on drop unless stopped before.
+pub struct Daemon {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub kind: BackendKind,
+}
+
+impl Daemon {
+    /// Builds the command line for `kind` serving `opts` on `socket`.
+    pub fn command(kind: BackendKind, opts: &DiskOptions, socket: &Path) -> Command {
+        match kind {
+            BackendKind::Vublk => {
+                let mut cmd = Command::new(vublk_bin());
+                cmd.arg("serve")
+                    .arg("--image")
+                    .arg(&opts.image)
+                    .arg("--format")
+                    .arg(&opts.format)
+                    .arg("--socket-path")
+                    .arg(socket)
+                    .arg("--num-queues")
+                    .arg(opts.num_queues.to_string())
+                    .arg("--cache")
+                    .arg(if opts.direct { "none" } else { "writeback" });
+                if opts.read_only {
+                    cmd.arg("--read-only");
+                }
+                cmd.args(&opts.extra_args);
+                cmd
+            }
+            BackendKind::Qsd => {
+                let mut cmd = Command::new("/usr/bin/qemu-storage-daemon");
+                let direct = if opts.direct { "on" } else { "off" };
+                let ro = if opts.read_only { "on" } else { "off" };
+                cmd.arg("--blockdev")
+                    .arg(format!(
+                        "driver=file,node-name=file0,filename={},cache.direct={direct},aio=io_uring,read-only={ro}",
+                        opts.image.display()
+                    ))
+                    .arg("--blockdev")
+                    .arg(format!(
+                        "driver={},node-name=disk0,file=file0,read-only={ro}",
+                        opts.format
+                    ))
+                    .arg("--export")
+                    .arg(format!(
+                        "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable={},num-queues={}",
+                        socket.display(),
+                        if opts.read_only { "off" } else { "on" },
+                        opts.num_queues
+                    ));
+                cmd.args(&opts.extra_args);
+                cmd
+            }
+        }
+    }
+
+    /// Starts `kind` serving `opts` on `socket` and waits until the socket accepts a connection.
+    pub fn start(kind: BackendKind, opts: &DiskOptions, socket: &Path) -> Result<Daemon> {
+        let mut cmd = Self::command(kind, opts, socket);
+        Self::spawn(kind, &mut cmd, socket)
+    }
+
+    /// Spawns an already built command and waits for `socket` to accept a connection.
+    pub fn spawn(kind: BackendKind, cmd: &mut Command, socket: &Path) -> Result<Daemon> {
+        let _ = std::fs::remove_file(socket);
+        cmd.stdin(Stdio::null());
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {:?}", cmd.get_program()))?;
+        let mut daemon = Daemon {
+            child,
+            socket: socket.to_path_buf(),
+            kind,
+        };
+        daemon.wait_listening(STARTUP_TIMEOUT)?;
+        Ok(daemon)
+    }
+
+    /// Polls until the daemon's socket exists; fails early if the daemon exits first.
+    ///
+    /// Only the socket file is checked, never connected to: a probe connection would be taken
+    /// by the daemon as its frontend.
+    pub fn wait_listening(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("{:?} exited before listening: {status}", self.kind);
+            }
+            if self.socket.exists() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{:?} did not create {} within {timeout:?}",
+                    self.kind,
+                    self.socket.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> Result<ExitStatus> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id())?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        Ok(self.child.wait()?)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Connects to a unix socket, retrying until `timeout` (for sockets a peer creates).
+pub fn connect_with_timeout(path: &Path, timeout: Duration) -> Result<UnixStream> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() > deadline => {
+                return Err(e).with_context(|| format!("connecting to {}", path.display()))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
