@@ -2,6 +2,11 @@
 //!
 //! Owns: locating the built binaries, spawning a backend daemon (vublk or the incumbent,
 //! qemu-storage-daemon) on a unix socket and waiting until that socket accepts connections,
-//! and killing it when the fixture is dropped. It knows nothing about virtio-blk itself.
+//! a small synchronous vhost-user-blk client on the `blkio` crate, a minimal split-virtqueue
+//! driver for protocol tests, and the QEMU guest used by the end-to-end tests. It knows nothing
+//! about vublk's internals: everything here talks to a daemon from the outside.
 
+pub mod blk;
 pub mod daemon;
+pub mod guest;
+pub mod vring;
