@@ -1,0 +1,103 @@
+//! The command line, as clap parses it. Doc comments are the help text; nothing here is
+//! validated beyond its syntax: `config.rs` turns [`ServeArgs`] into a checked `ServeConfig`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// vublk: a confined, per-VM vhost-user-blk storage daemon that serves disk images from file
+/// descriptors its manager passes.
+#[derive(Debug, Parser)]
+#[command(name = "vublk", version, about)]
+pub struct Cli {
+    /// Print the vhost-user backend capabilities as JSON and exit (vhost-user backend program
+    /// conventions).
+    #[arg(long)]
+    pub print_capabilities: bool,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve a disk image to a VMM over vhost-user-blk.
+    Serve(Box<ServeArgs>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    Raw,
+    Qcow2,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CacheArg {
+    /// O_DIRECT: bypass the host page cache (an fd must already have O_DIRECT).
+    None,
+    /// Use the host page cache.
+    Writeback,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DiscardArg {
+    /// Pass discards down (punch holes).
+    Unmap,
+    /// Do not offer discard to the guest.
+    Ignore,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The top image: fd:N (an inherited fd), /dev/fdset/N, or a path (opened during setup).
+    #[arg(long, alias = "blk-file", value_name = "FILE")]
+    pub image: String,
+
+    /// Format of --image. Required: a writable disk's format is never probed.
+    #[arg(long, value_enum)]
+    pub format: Option<FormatArg>,
+
+    /// Serve the disk read-only.
+    #[arg(long)]
+    pub read_only: bool,
+
+    /// Host cache mode; for an fd, defaults to the fd's own O_DIRECT flag; for a path, writeback.
+    #[arg(long, value_enum)]
+    pub cache: Option<CacheArg>,
+
+    /// Discard handling; `--discard` alone means `unmap`.
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "unmap", default_value = "ignore")]
+    pub discard: DiscardArg,
+
+    /// Serial number the guest reads with GET_ID (at most 20 bytes).
+    #[arg(long)]
+    pub serial: Option<String>,
+
+    /// Logical block size the guest sees: 512 or 4096.
+    #[arg(long, default_value_t = 512)]
+    pub logical_block_size: u32,
+
+    /// Listen for the VMM on this unix socket path.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["fd", "connect"])]
+    pub socket_path: Option<PathBuf>,
+
+    /// Inherited unix socket: listening (accepted on) or already connected (served).
+    #[arg(long, value_name = "N", conflicts_with = "connect")]
+    pub fd: Option<i32>,
+
+    /// Connect to a VMM listening at PATH; reconnect when the connection is lost.
+    #[arg(long, value_name = "PATH")]
+    pub connect: Option<PathBuf>,
+
+    /// Number of virtqueues (default: one per host CPU, at most 8).
+    #[arg(long)]
+    pub num_queues: Option<u16>,
+
+    /// Size of each virtqueue.
+    #[arg(long, default_value_t = 256)]
+    pub queue_size: u16,
+
+    /// Write "READY=1\n" to this fd and close it once serving.
+    #[arg(long, value_name = "N")]
+    pub ready_fd: Option<i32>,
+}

@@ -1,0 +1,271 @@
+//! The validated configuration of `vublk serve`: [`ServeConfig`] is built once from the parsed
+//! command line with `TryFrom<ServeArgs>`, and nothing downstream re-checks its fields.
+//!
+//! Pure: it parses and checks values, but opens no file and inspects no fd (that is setup's job,
+//! in `disk.rs` and `vhost_user/listener.rs`).
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
+use vublk_fdset::{FileSpec, SpecError};
+
+use crate::args::{CacheArg, DiscardArg, FormatArg, ServeArgs};
+
+/// The most virtqueues vublk serves: each gets a thread and an io_uring.
+pub const MAX_NUM_QUEUES: u16 = 16;
+/// Default cap on the number of queues when --num-queues is not given.
+pub const DEFAULT_MAX_NUM_QUEUES: u16 = 8;
+/// The largest virtqueue: QEMU's vhost-user-blk accepts at most 1024, and a request's segments
+/// (queue size - 2) must fit in one preadv (IOV_MAX = 1024).
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// virtio-blk GET_ID returns at most 20 bytes (VIRTIO_BLK_ID_BYTES).
+pub const SERIAL_MAX_BYTES: usize = 20;
+
+/// Where the vhost-user connection comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VhostUserSocket {
+    /// Listen at this path (created, and removed first if stale).
+    Listen(PathBuf),
+    /// An inherited socket fd: listening or connected, told apart at setup.
+    Inherited(RawFd),
+    /// Connect to a listening VMM, reconnecting when the connection is lost.
+    Connect(PathBuf),
+}
+
+/// How the host page cache is used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheMode {
+    /// O_DIRECT.
+    None,
+    Writeback,
+}
+
+/// Options of the disk the guest sees.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub image: FileSpec,
+    pub format: FormatArg,
+    pub read_only: bool,
+    /// `None`: an fd's own O_DIRECT flag decides; a path is opened with writeback.
+    pub cache: Option<CacheMode>,
+    pub discard: bool,
+    pub serial: Vec<u8>,
+    pub logical_block_size: u32,
+}
+
+/// Options of the vhost-user device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceConfig {
+    pub socket: VhostUserSocket,
+    pub num_queues: u16,
+    pub queue_size: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServeConfig {
+    pub disk: DiskConfig,
+    pub device: DeviceConfig,
+    pub ready_fd: Option<RawFd>,
+}
+
+/// A command line that parses but does not make sense.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--image: {0}")]
+    Image(#[source] SpecError),
+    #[error("--format is required (a writable disk's format is never probed)")]
+    FormatMissing,
+    #[error("--format qcow2 is not supported yet")]
+    Qcow2Unsupported,
+    #[error("--serial: {len} bytes is longer than the {SERIAL_MAX_BYTES} bytes virtio-blk allows")]
+    SerialTooLong { len: usize },
+    #[error("--logical-block-size: {0} is neither 512 nor 4096")]
+    LogicalBlockSize(u32),
+    #[error("one of --socket-path, --fd or --connect is required")]
+    SocketMissing,
+    #[error("--fd {0}: fds 0-2 are stdio, not a socket")]
+    SocketFd(RawFd),
+    #[error("--num-queues: {0} is not between 1 and {MAX_NUM_QUEUES}")]
+    NumQueues(u16),
+    #[error("--queue-size: {0} is not a power of two between 2 and {MAX_QUEUE_SIZE}")]
+    QueueSize(u16),
+    #[error("--ready-fd {0}: fds 0-2 are stdio")]
+    ReadyFd(RawFd),
+}
+
+impl TryFrom<ServeArgs> for ServeConfig {
+    type Error = ConfigError;
+
+    fn try_from(args: ServeArgs) -> Result<Self, Self::Error> {
+        let image: FileSpec = args.image.parse().map_err(ConfigError::Image)?;
+        let format = args.format.ok_or(ConfigError::FormatMissing)?;
+        if format == FormatArg::Qcow2 {
+            return Err(ConfigError::Qcow2Unsupported);
+        }
+        let serial = args.serial.unwrap_or_default().into_bytes();
+        if serial.len() > SERIAL_MAX_BYTES {
+            return Err(ConfigError::SerialTooLong { len: serial.len() });
+        }
+        if !matches!(args.logical_block_size, 512 | 4096) {
+            return Err(ConfigError::LogicalBlockSize(args.logical_block_size));
+        }
+        let socket = match (args.socket_path, args.fd, args.connect) {
+            (Some(path), None, None) => VhostUserSocket::Listen(path),
+            (None, Some(fd), None) if fd > 2 => VhostUserSocket::Inherited(fd),
+            (None, Some(fd), None) => return Err(ConfigError::SocketFd(fd)),
+            (None, None, Some(path)) => VhostUserSocket::Connect(path),
+            // clap's conflicts_with rules out two at once; none at all is ours to refuse.
+            _ => return Err(ConfigError::SocketMissing),
+        };
+        let num_queues = match args.num_queues {
+            Some(n) if (1..=MAX_NUM_QUEUES).contains(&n) => n,
+            Some(n) => return Err(ConfigError::NumQueues(n)),
+            None => default_num_queues(),
+        };
+        let queue_size = args.queue_size;
+        if !(2..=MAX_QUEUE_SIZE).contains(&queue_size) || !queue_size.is_power_of_two() {
+            return Err(ConfigError::QueueSize(queue_size));
+        }
+        if let Some(fd) = args.ready_fd {
+            if fd <= 2 {
+                return Err(ConfigError::ReadyFd(fd));
+            }
+        }
+        Ok(ServeConfig {
+            disk: DiskConfig {
+                image,
+                format,
+                read_only: args.read_only,
+                cache: args.cache.map(|c| match c {
+                    CacheArg::None => CacheMode::None,
+                    CacheArg::Writeback => CacheMode::Writeback,
+                }),
+                discard: args.discard == DiscardArg::Unmap,
+                serial,
+                logical_block_size: args.logical_block_size,
+            },
+            device: DeviceConfig {
+                socket,
+                num_queues,
+                queue_size,
+            },
+            ready_fd: args.ready_fd,
+        })
+    }
+}
+
+/// One queue per host CPU, at most [`DEFAULT_MAX_NUM_QUEUES`].
+fn default_num_queues() -> u16 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    u16::try_from(cpus)
+        .unwrap_or(DEFAULT_MAX_NUM_QUEUES)
+        .clamp(1, DEFAULT_MAX_NUM_QUEUES)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::args::{Cli, Command};
+    use clap::Parser;
+
+    fn parse(extra: &[&str]) -> Result<ServeConfig, ConfigError> {
+        let mut argv = vec!["vublk", "serve"];
+        argv.extend_from_slice(extra);
+        let cli = Cli::try_parse_from(argv).expect("clap accepts the syntax");
+        match cli.command {
+            Some(Command::Serve(args)) => ServeConfig::try_from(*args),
+            None => panic!("no subcommand"),
+        }
+    }
+
+    const BASE: [&str; 6] = ["--image", "fd:5", "--format", "raw", "--socket-path", "/tmp/s"];
+
+    fn with(extra: &[&str]) -> Result<ServeConfig, ConfigError> {
+        let mut v = BASE.to_vec();
+        v.extend_from_slice(extra);
+        parse(&v)
+    }
+
+    #[test]
+    fn minimal_command_line_has_defaults() {
+        let cfg = with(&[]).unwrap();
+        assert_eq!(cfg.disk.image, FileSpec::Fd(5));
+        assert_eq!(cfg.disk.cache, None);
+        assert!(!cfg.disk.discard);
+        assert!(!cfg.disk.read_only);
+        assert_eq!(cfg.disk.logical_block_size, 512);
+        assert_eq!(cfg.device.queue_size, 256);
+        assert!((1..=DEFAULT_MAX_NUM_QUEUES).contains(&cfg.device.num_queues));
+        assert_eq!(
+            cfg.device.socket,
+            VhostUserSocket::Listen(PathBuf::from("/tmp/s"))
+        );
+    }
+
+    #[test]
+    fn blk_file_is_an_alias_of_image() {
+        let cfg = parse(&["--blk-file", "fd:9", "--format", "raw", "--fd", "4"]).unwrap();
+        assert_eq!(cfg.disk.image, FileSpec::Fd(9));
+        assert_eq!(cfg.device.socket, VhostUserSocket::Inherited(4));
+    }
+
+    #[test]
+    fn bare_discard_means_unmap() {
+        assert!(with(&["--discard"]).unwrap().disk.discard);
+        assert!(!with(&["--discard", "ignore"]).unwrap().disk.discard);
+    }
+
+    #[test]
+    fn format_is_required() {
+        let r = parse(&["--image", "fd:5", "--socket-path", "/tmp/s"]);
+        assert_eq!(r, Err(ConfigError::FormatMissing));
+    }
+
+    #[test]
+    fn serial_longer_than_20_bytes_is_refused() {
+        assert_eq!(
+            with(&["--serial", "123456789012345678901"]),
+            Err(ConfigError::SerialTooLong { len: 21 })
+        );
+        assert_eq!(
+            with(&["--serial", "12345678901234567890"]).unwrap().disk.serial.len(),
+            20
+        );
+    }
+
+    #[test]
+    fn odd_block_and_queue_sizes_are_refused() {
+        assert_eq!(
+            with(&["--logical-block-size", "1024"]),
+            Err(ConfigError::LogicalBlockSize(1024))
+        );
+        assert_eq!(with(&["--queue-size", "100"]), Err(ConfigError::QueueSize(100)));
+        assert_eq!(with(&["--queue-size", "2048"]), Err(ConfigError::QueueSize(2048)));
+        assert_eq!(with(&["--num-queues", "0"]), Err(ConfigError::NumQueues(0)));
+        assert_eq!(with(&["--num-queues", "17"]), Err(ConfigError::NumQueues(17)));
+    }
+
+    #[test]
+    fn a_socket_is_required_and_stdio_fds_are_refused() {
+        assert_eq!(
+            parse(&["--image", "fd:5", "--format", "raw"]),
+            Err(ConfigError::SocketMissing)
+        );
+        assert_eq!(
+            parse(&["--image", "fd:5", "--format", "raw", "--fd", "1"]),
+            Err(ConfigError::SocketFd(1))
+        );
+        assert!(matches!(
+            parse(&["--image", "fd:2", "--format", "raw", "--fd", "4"]),
+            Err(ConfigError::Image(SpecError::StdioFd { .. }))
+        ));
+    }
+
+    #[test]
+    fn two_socket_modes_are_a_syntax_error() {
+        let r = Cli::try_parse_from([
+            "vublk", "serve", "--image", "x", "--format", "raw", "--fd", "4", "--connect", "/p",
+        ]);
+        assert!(r.is_err());
+    }
+}

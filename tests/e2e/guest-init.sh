@@ -1,0 +1,158 @@
+#!/bin/busybox sh
+# shellcheck shell=sh
+#
+# /init of the vublk end-to-end test guest (packed into the initramfs by build-guest.sh).
+#
+# Loads the virtio modules listed in /etc/vublk-modules, waits for /dev/vda, runs the job named
+# by `vublk.job=` on the kernel command line, prints one result line on the console and powers
+# off. It knows nothing about the backend: it only sees a virtio-blk disk.
+#
+# Kernel command line parameters (all optional except vublk.job):
+#   vublk.job=write|verify|info
+#   vublk.size=32M         bytes of /dev/vda the fio job covers (from vublk.offset)
+#   vublk.offset=0         where the fio job starts on /dev/vda
+#   vublk.seed=1           fio --randseed; a `verify` must use the `write` run's values
+#   vublk.ioengine=libaio  libaio or io_uring
+#   vublk.iodepth=8
+#   vublk.bssplit=4k/60:16k/20:64k/15:256k/5
+#
+# Output contract (parsed by tests/src/guest.rs):
+#   VUBLK-E2E-INFO key=value          zero or more, `info` job only
+#   VUBLK-E2E-RESULT job=JOB status=PASS|FAIL [rc=N] [reason=WORD]
+# The result line is always the last thing init prints before `poweroff -f`.
+
+# No `set -e`: every failure must end in a FAIL line and a power-off, never in a dead init.
+set -u
+PATH=/bin:/sbin:/usr/bin:/usr/sbin
+export PATH
+
+job=unknown
+
+finish() {
+	# $1 = PASS|FAIL, rest = extra key=value words for the result line.
+	status=$1
+	shift
+	sync
+	echo "VUBLK-E2E-RESULT job=$job status=$status${*:+ $*}"
+	poweroff -f
+	# poweroff -f only returns if reboot(2) failed; exiting init panics, and panic=-1 together
+	# with QEMU's -no-reboot ends the VM either way.
+	exit 1
+}
+
+mkdir -p /proc /sys /dev /tmp
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /tmp
+# The kernel may have started init without a console if the initramfs had no /dev/console.
+exec </dev/console >/dev/console 2>&1
+# Start on a fresh line: the firmware leaves escape sequences without a newline on the console.
+echo
+echo "init: vublk e2e guest, kernel $(uname -r)"
+
+size=32M
+offset=0
+seed=1
+ioengine=libaio
+iodepth=8
+bssplit=4k/60:16k/20:64k/15:256k/5
+bad_param=
+# Word splitting of /proc/cmdline is intended: one kernel parameter per word.
+# shellcheck disable=SC2013
+for word in $(cat /proc/cmdline); do
+	case "$word" in
+	vublk.job=*) job=${word#*=} ;;
+	vublk.size=*) size=${word#*=} ;;
+	vublk.offset=*) offset=${word#*=} ;;
+	vublk.seed=*) seed=${word#*=} ;;
+	vublk.ioengine=*) ioengine=${word#*=} ;;
+	vublk.iodepth=*) iodepth=${word#*=} ;;
+	vublk.bssplit=*) bssplit=${word#*=} ;;
+	vublk.*) bad_param=$word ;;
+	esac
+done
+if [ -n "$bad_param" ]; then
+	echo "init: unknown kernel parameter $bad_param"
+	finish FAIL reason=bad-parameter
+fi
+
+while read -r module; do
+	if ! insmod "/lib/modules/$module.ko"; then
+		echo "init: insmod $module failed"
+		finish FAIL reason=insmod
+	fi
+done </etc/vublk-modules
+
+# virtio_blk probes from insmod, but the disk node appears asynchronously: poll with a bound.
+tries=0
+while [ ! -b /dev/vda ]; do
+	tries=$((tries + 1))
+	if [ "$tries" -gt 200 ]; then
+		echo "init: /dev/vda did not appear within 20 s"
+		ls /sys/bus/virtio/devices/ 2>&1
+		finish FAIL reason=no-disk
+	fi
+	usleep 100000
+done
+
+run_fio() {
+	# $@ = extra fio arguments on top of the shared job definition.
+	fio --name=vublk-e2e --filename=/dev/vda --direct=1 \
+		--ioengine="$ioengine" --iodepth="$iodepth" --rw=randwrite \
+		--bssplit="$bssplit" --size="$size" --offset="$offset" --randseed="$seed" \
+		--verify=crc32c --verify_fatal=1 --end_fsync=1 "$@" >/tmp/fio.log 2>&1
+	rc=$?
+	sed 's/^/fio: /' /tmp/fio.log
+	if [ "$rc" -eq 0 ]; then
+		finish PASS
+	fi
+	echo "init: fio failed with exit code $rc; its first error lines, then its last lines:"
+	grep -E '^(verify|fio): |err=' /tmp/fio.log | head -n 10 | sed 's/^/fio-error: /'
+	tail -n 15 /tmp/fio.log | sed 's/^/fio-tail: /'
+	finish FAIL "rc=$rc" reason=fio
+}
+
+info() {
+	# $1 = key, $2 = file; prints the file's first line, or an error key when unreadable.
+	if value=$(cat "$2" 2>/dev/null); then
+		echo "VUBLK-E2E-INFO $1=$value"
+	else
+		echo "VUBLK-E2E-INFO $1_error=unreadable"
+	fi
+}
+
+case "$job" in
+write)
+	run_fio --do_verify=1
+	;;
+verify)
+	run_fio --verify_only
+	;;
+info)
+	q=/sys/block/vda/queue
+	info size /sys/block/vda/size
+	info ro /sys/block/vda/ro
+	info serial /sys/block/vda/serial
+	info logical_block_size $q/logical_block_size
+	info physical_block_size $q/physical_block_size
+	info write_cache $q/write_cache
+	info discard_max_bytes $q/discard_max_bytes
+	info write_zeroes_max_bytes $q/write_zeroes_max_bytes
+	info features /sys/block/vda/device/features
+	queues=
+	count=0
+	for dir in /sys/block/vda/mq/*; do
+		[ -d "$dir" ] || continue
+		queues="$queues${queues:+,}${dir##*/}"
+		count=$((count + 1))
+	done
+	echo "VUBLK-E2E-INFO mq=$queues"
+	echo "VUBLK-E2E-INFO num_queues=$count"
+	finish PASS
+	;;
+*)
+	echo "init: unknown job '$job'"
+	finish FAIL reason=bad-job
+	;;
+esac
