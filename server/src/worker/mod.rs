@@ -1,0 +1,766 @@
+//! The queue worker: one thread per virtqueue, owning that queue's io_uring.
+//!
+//! It pops descriptor chains, parses them (`virtio_blk::request`), asks the disk's layer where
+//! the bytes live, submits SQEs that point straight into guest memory, and completes each
+//! request exactly once with a status, whatever fails. The vhost-user handler controls it
+//! through [`QueueShared`]: start, stop-and-drain (GET_VRING_BASE), and exit.
+
+mod ops;
+mod segments;
+
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use io_uring::{opcode, squeue, types};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use vhost_user_backend::{VringMutex, VringT};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vublk_formats::{MapKind, Piece};
+
+use crate::disk::Disk;
+use crate::engine::{EngineError, QueueRing};
+use crate::virtio_blk::request::{self, Descriptor, DiskRange, Op, Outcome, Request, Segment};
+use crate::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use ops::{classify, AlignedBuf, InFlight, IoOp, Next, OpKind};
+
+/// The vring type shared between the handler and a worker.
+pub type Vring = VringMutex<GuestMemoryAtomic<GuestMemoryMmap>>;
+
+/// Bits of `user_data` that index the op within its request.
+const OP_INDEX_BITS: u32 = 16;
+/// Size of the zero buffer used when fallocate cannot zero a range.
+const ZERO_BUFFER_LEN: usize = 1 << 20;
+/// O_DIRECT memory alignment vublk assumes for guest buffers.
+const DIRECT_ALIGN: usize = 512;
+
+/// What the handler asks of a worker.
+#[derive(Debug, Default)]
+struct Control {
+    /// Incremented by each stop request; the worker echoes it in `stopped` once drained.
+    stop_requested: u64,
+    stopped: u64,
+    exit: bool,
+}
+
+/// State shared between the vhost-user handler and one queue's worker.
+pub struct QueueShared {
+    pub index: u16,
+    pub vring: Vring,
+    /// Wakes the worker to re-read `control` and the vring's kick fd.
+    wake: EventFd,
+    control: Mutex<Control>,
+    changed: Condvar,
+}
+
+impl QueueShared {
+    pub fn new(index: u16, vring: Vring) -> std::io::Result<Arc<QueueShared>> {
+        Ok(Arc::new(QueueShared {
+            index,
+            vring,
+            wake: EventFd::new(EFD_NONBLOCK)?,
+            control: Mutex::new(Control::default()),
+            changed: Condvar::new(),
+        }))
+    }
+
+    /// Tells the worker that the vring changed (kick fd, enable, ready).
+    pub fn poke(&self) {
+        if let Err(e) = self.wake.write(1) {
+            log::error!("queue {}: cannot wake worker: {e}", self.index);
+        }
+    }
+
+    /// Stops the queue: no new requests are popped, and this returns once every request
+    /// already popped has completed (GET_VRING_BASE must report a quiescent ring).
+    pub fn stop_and_drain(&self) {
+        let mut control = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        control.stop_requested += 1;
+        let want = control.stop_requested;
+        self.poke();
+        while control.stopped < want && !control.exit {
+            control = self
+                .changed
+                .wait(control)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Asks the worker to drain and exit.
+    pub fn request_exit(&self) {
+        self.control.lock().unwrap_or_else(|e| e.into_inner()).exit = true;
+        self.changed.notify_all();
+        self.poke();
+    }
+}
+
+/// Starts the worker thread for `shared`.
+pub fn spawn(
+    shared: Arc<QueueShared>,
+    disk: Arc<Disk>,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+) -> Result<JoinHandle<()>, EngineError> {
+    let queue = shared.index;
+    let queue_size = u32::from(disk.params().queue_size);
+    // Each request has at most one op per piece; twice the queue size leaves room for
+    // multi-piece requests, and the backlog absorbs the rest.
+    let ring = QueueRing::new(queue, (queue_size * 2).next_power_of_two(), &disk.raw_fds())?;
+    std::thread::Builder::new()
+        .name(format!("vublk-q{queue}"))
+        .spawn(move || {
+            let mut worker = Worker {
+                shared,
+                disk,
+                mem,
+                ring,
+                slots: Vec::new(),
+                free: Vec::new(),
+                in_flight: 0,
+                cqes: Vec::new(),
+                pieces: Vec::new(),
+                zero_buffer: None,
+                signal: false,
+                broken: false,
+            };
+            worker.run();
+        })
+        .map_err(|source| EngineError::Setup {
+            queue,
+            step: "spawn worker thread",
+            source,
+        })
+}
+
+struct Worker {
+    shared: Arc<QueueShared>,
+    disk: Arc<Disk>,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    ring: QueueRing,
+    /// In-flight table: `user_data >> OP_INDEX_BITS` indexes it.
+    slots: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    in_flight: usize,
+    cqes: Vec<(u64, i32)>,
+    pieces: Vec<Piece>,
+    zero_buffer: Option<AlignedBuf>,
+    /// The used ring changed since the last notification check.
+    signal: bool,
+    /// The avail ring was found corrupt: stop popping until the queue is set up again.
+    broken: bool,
+}
+
+impl Worker {
+    fn run(&mut self) {
+        let q = self.shared.index;
+        log::debug!("queue {q}: worker started");
+        loop {
+            let (stop_requested, stopped, exit) = {
+                let c = self.shared.control.lock().unwrap_or_else(|e| e.into_inner());
+                (c.stop_requested, c.stopped, c.exit)
+            };
+            let stopping = stop_requested > stopped || exit;
+            if stopping && self.in_flight == 0 {
+                let mut c = self.shared.control.lock().unwrap_or_else(|e| e.into_inner());
+                c.stopped = c.stop_requested;
+                self.broken = false;
+                self.shared.changed.notify_all();
+                if c.exit {
+                    break;
+                }
+            }
+            let runnable = !stopping && self.runnable();
+            if runnable {
+                self.process_avail();
+            }
+            self.submit_and_reap();
+            self.notify_guest();
+            // The ring submitted what it could; wait for a kick, a completion or control.
+            let kick = if runnable { self.kick_fd() } else { None };
+            self.wait(kick);
+        }
+        log::debug!("queue {q}: worker exited");
+    }
+
+    /// The ring is set up, enabled and has a kick fd.
+    fn runnable(&self) -> bool {
+        if self.broken {
+            return false;
+        }
+        let state = self.shared.vring.get_ref();
+        state.is_enabled() && state.get_queue().ready() && state.get_kick().is_some()
+    }
+
+    fn kick_fd(&self) -> Option<RawFd> {
+        self.shared
+            .vring
+            .get_ref()
+            .get_kick()
+            .as_ref()
+            .map(|k| k.as_raw_fd())
+    }
+
+    fn wait(&mut self, kick: Option<RawFd>) {
+        let wake_fd = self.shared.wake.as_raw_fd();
+        let ring_fd = self.ring.completion_fd();
+        let mut fds = Vec::with_capacity(3);
+        // SAFETY (for the three borrows below): the wake eventfd and the ring's eventfd are
+        // owned by `self` and live across this call; the kick fd is owned by the vring, which
+        // the handler replaces only after poking `wake`, so at worst poll sees a stale fd and
+        // returns early; it never reads memory through it.
+        fds.push(PollFd::new(unsafe { BorrowedFd::borrow_raw(wake_fd) }, PollFlags::POLLIN));
+        // SAFETY: see above.
+        fds.push(PollFd::new(unsafe { BorrowedFd::borrow_raw(ring_fd) }, PollFlags::POLLIN));
+        if let Some(kick) = kick {
+            // SAFETY: see above.
+            fds.push(PollFd::new(unsafe { BorrowedFd::borrow_raw(kick) }, PollFlags::POLLIN));
+        }
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::Error::EINTR) => {}
+            Err(e) => log::error!("queue {}: poll failed: {e}", self.shared.index),
+        }
+        let kicked = fds
+            .get(2)
+            .and_then(|f| f.revents())
+            .is_some_and(|r| r.contains(PollFlags::POLLIN));
+        let woken = fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLIN));
+        drop(fds);
+        if woken {
+            let _ = self.shared.wake.read();
+        }
+        if kicked {
+            // Clears the kick; EAGAIN just means another reader took it.
+            let _ = self.shared.vring.read_kick();
+        }
+    }
+
+    /// Pops every available chain and starts it.
+    fn process_avail(&mut self) {
+        let guard = self.mem.memory();
+        let mem: Arc<GuestMemoryMmap> = guard.into_inner();
+        let event_idx;
+        let mut chains: Vec<(u16, Vec<Descriptor>, bool)> = Vec::new();
+        {
+            let mut state = self.shared.vring.get_mut();
+            let queue = state.get_queue_mut();
+            event_idx = queue.event_idx_enabled();
+            loop {
+                if event_idx {
+                    let _ = queue.disable_notification(mem.as_ref());
+                }
+                match queue.iter(mem.as_ref()) {
+                    Ok(iter) => {
+                        for chain in iter {
+                            let head = chain.head_index();
+                            let mut descs = Vec::new();
+                            let mut last_has_next = false;
+                            for d in chain {
+                                descs.push(Descriptor {
+                                    addr: d.addr(),
+                                    len: d.len(),
+                                    writable: d.is_write_only(),
+                                });
+                                last_has_next = d.has_next();
+                            }
+                            chains.push((head, descs, last_has_next));
+                        }
+                    }
+                    Err(e) => {
+                        log::error!(
+                            "queue {}: avail ring is corrupt ({e}); queue stopped until the driver resets it",
+                            self.shared.index
+                        );
+                        self.broken = true;
+                        break;
+                    }
+                }
+                if !event_idx {
+                    break;
+                }
+                match queue.enable_notification(mem.as_ref()) {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        log::error!("queue {}: cannot enable notifications: {e}", self.shared.index);
+                        break;
+                    }
+                }
+            }
+        }
+        let geo = self.disk.geometry();
+        for (head, descs, truncated) in chains {
+            match request::parse(&descs, truncated, mem.as_ref(), &geo) {
+                Ok(req) => self.start(head, req, &mem),
+                Err(rejection) => {
+                    log::debug!(
+                        "queue {}: request {head} rejected: {}",
+                        self.shared.index,
+                        rejection.reason
+                    );
+                    match rejection.outcome() {
+                        Outcome::Status(status) => {
+                            if let Some(addr) = rejection.status {
+                                self.complete_now(head, addr, status, 0, &mem);
+                            }
+                        }
+                        Outcome::NoStatus => self.add_used(head, 0),
+                    }
+                }
+            }
+        }
+    }
+
+    fn add_used(&mut self, head: u16, len: u32) {
+        if let Err(e) = self.shared.vring.add_used(head, len) {
+            log::error!("queue {}: cannot add used element {head}: {e}", self.shared.index);
+        }
+        self.signal = true;
+    }
+
+    /// Writes the status byte and returns the chain.
+    fn complete_now(
+        &mut self,
+        head: u16,
+        status_addr: GuestAddress,
+        status: u8,
+        written: u32,
+        mem: &GuestMemoryMmap,
+    ) {
+        // The parser checked the status byte is in guest memory.
+        if let Err(e) = mem.write_obj(status, status_addr) {
+            log::error!("queue {}: cannot write status of {head}: {e}", self.shared.index);
+            self.add_used(head, 0);
+            return;
+        }
+        self.add_used(head, written.saturating_add(1));
+    }
+
+    fn notify_guest(&mut self) {
+        if !self.signal {
+            return;
+        }
+        self.signal = false;
+        match self.shared.vring.needs_notification() {
+            Ok(true) => {
+                if let Err(e) = self.shared.vring.signal_used_queue() {
+                    log::error!("queue {}: cannot signal the guest: {e}", self.shared.index);
+                }
+            }
+            Ok(false) => {}
+            Err(e) => log::error!("queue {}: used ring unreadable: {e}", self.shared.index),
+        }
+    }
+
+    /// Turns a parsed request into ops and submits them (or completes it at once).
+    fn start(&mut self, head: u16, req: Request, mem: &Arc<GuestMemoryMmap>) {
+        let mut inflight = InFlight {
+            head,
+            status_addr: req.status,
+            mem: Arc::clone(mem),
+            ops: Vec::new(),
+            pending: 0,
+            status: VIRTIO_BLK_S_OK,
+            written: 0,
+        };
+        let layer = self.disk.layer();
+        let result: Result<(), ()> = match req.op {
+            Op::Read { range, data } => {
+                inflight.written = u32::try_from(range.len).unwrap_or(u32::MAX);
+                self.plan_rw(&mut inflight, MapKind::Read, range, &data)
+            }
+            Op::Write { range, data } => self.plan_rw(&mut inflight, MapKind::Write, range, &data),
+            Op::Flush => {
+                for (i, file) in layer.files().iter().enumerate() {
+                    if file.options().writable {
+                        let idx = u32::try_from(i).unwrap_or(u32::MAX);
+                        inflight.ops.push(IoOp::new(OpKind::Flush, idx, 0, 0));
+                    }
+                }
+                Ok(())
+            }
+            Op::GetId { data } => {
+                inflight.written = write_serial(mem, &data, self.disk.serial());
+                Ok(())
+            }
+            Op::Discard { ranges } => self.plan_fallocate(&mut inflight, MapKind::Discard, &ranges),
+            Op::WriteZeroes { ranges, unmap } => {
+                let punch = unmap && self.disk.params().discard;
+                self.plan_fallocate(&mut inflight, MapKind::WriteZeroes { unmap: punch }, &ranges)
+            }
+        };
+        if result.is_err() {
+            self.complete_now(head, req.status, VIRTIO_BLK_S_IOERR, 0, mem);
+            return;
+        }
+        if inflight.ops.is_empty() {
+            let written = inflight.written;
+            self.complete_now(head, req.status, VIRTIO_BLK_S_OK, written, mem);
+            return;
+        }
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        inflight.pending = inflight.ops.len();
+        let op_count = inflight.ops.len();
+        self.slots[slot] = Some(inflight);
+        self.in_flight += 1;
+        for idx in 0..op_count {
+            self.push_op(slot, idx);
+        }
+    }
+
+    /// Plans a read or write: maps the range, zero-fills holes (reads), and makes one op per
+    /// data piece whose buffers are the matching part of the guest's.
+    fn plan_rw(
+        &mut self,
+        inflight: &mut InFlight,
+        kind: MapKind,
+        range: DiskRange,
+        data: &[Segment],
+    ) -> Result<(), ()> {
+        self.pieces.clear();
+        if let Err(e) = self
+            .disk
+            .layer()
+            .map(kind, range.offset, range.len, &mut self.pieces)
+        {
+            log::warn!("queue {}: {e}", self.shared.index);
+            return Err(());
+        }
+        let files = self.disk.layer().files();
+        let mut pos = 0u64;
+        for piece in &self.pieces {
+            let guest = segments::carve(data, pos, piece.len());
+            pos += piece.len();
+            match *piece {
+                Piece::Zero { len: _ } => {
+                    if kind == MapKind::Read {
+                        zero_guest(&inflight.mem, &guest).map_err(|_| ())?;
+                    }
+                }
+                Piece::Data { file, offset, len } => {
+                    let op_kind = if kind == MapKind::Read {
+                        OpKind::Read
+                    } else {
+                        OpKind::Write
+                    };
+                    let mut op = IoOp::new(op_kind, file.0, offset, len);
+                    let iov = segments::iovecs(inflight.mem.as_ref(), &guest).ok_or(())?;
+                    let direct = files
+                        .get(file.0 as usize)
+                        .is_some_and(|f| f.options().direct);
+                    if direct && !segments::aligned(&iov, DIRECT_ALIGN) {
+                        let len_usize = usize::try_from(len).map_err(|_| ())?;
+                        let mut bounce = AlignedBuf::new(len_usize).ok_or(())?;
+                        if op_kind == OpKind::Write {
+                            read_guest(&inflight.mem, &guest, bounce.as_mut_slice())
+                                .map_err(|_| ())?;
+                        }
+                        op.iov = vec![libc::iovec {
+                            iov_base: bounce.as_mut_ptr().cast(),
+                            iov_len: len_usize,
+                        }];
+                        op.bounce = Some(bounce);
+                    } else {
+                        op.iov = iov;
+                    }
+                    op.guest = guest;
+                    inflight.ops.push(op);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Plans DISCARD or WRITE_ZEROES: one fallocate per data piece of each range.
+    fn plan_fallocate(
+        &mut self,
+        inflight: &mut InFlight,
+        kind: MapKind,
+        ranges: &[DiskRange],
+    ) -> Result<(), ()> {
+        for range in ranges {
+            self.pieces.clear();
+            if let Err(e) = self
+                .disk
+                .layer()
+                .map(kind, range.offset, range.len, &mut self.pieces)
+            {
+                log::warn!("queue {}: {e}", self.shared.index);
+                return Err(());
+            }
+            for piece in &self.pieces {
+                if let Piece::Data { file, offset, len } = *piece {
+                    let op_kind = match kind {
+                        MapKind::Discard => OpKind::Discard,
+                        MapKind::WriteZeroes { unmap } => OpKind::ZeroRange { punch: unmap },
+                        MapKind::Read | MapKind::Write => return Err(()),
+                    };
+                    inflight.ops.push(IoOp::new(op_kind, file.0, offset, len));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the SQE for op `idx` of `slot` in its current state and queues it.
+    fn push_op(&mut self, slot: usize, idx: usize) {
+        let writethrough = !self.disk.writeback();
+        let zero_ptr = self.zero_buffer_ptr();
+        let Some(inflight) = self.slots.get(slot).and_then(Option::as_ref) else {
+            return;
+        };
+        let op = &inflight.ops[idx];
+        let fd = types::Fixed(op.file);
+        let user_data = ((slot as u64) << OP_INDEX_BITS) | idx as u64;
+        let iov_len = u32::try_from(op.iov.len()).unwrap_or(u32::MAX);
+        let entry = match op.kind {
+            OpKind::Read => opcode::Readv::new(fd, op.iov.as_ptr(), iov_len)
+                .offset(op.offset)
+                .build(),
+            OpKind::Write => opcode::Writev::new(fd, op.iov.as_ptr(), iov_len)
+                .offset(op.offset)
+                .rw_flags(if writethrough { libc::RWF_DSYNC } else { 0 })
+                .build(),
+            OpKind::Flush => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            OpKind::Discard => opcode::Fallocate::new(fd, op.remaining)
+                .offset(op.offset)
+                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                .build(),
+            OpKind::ZeroRange { punch } => opcode::Fallocate::new(fd, op.remaining)
+                .offset(op.offset)
+                .mode(if punch {
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+                } else {
+                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+                })
+                .build(),
+            OpKind::WriteZeroBuffer => {
+                let chunk = op.remaining.min(ZERO_BUFFER_LEN as u64);
+                opcode::Write::new(fd, zero_ptr, u32::try_from(chunk).unwrap_or(0))
+                    .offset(op.offset)
+                    .rw_flags(if writethrough { libc::RWF_DSYNC } else { 0 })
+                    .build()
+            }
+        };
+        let entry = entry.user_data(user_data).flags(squeue::Flags::FIXED_FILE);
+        // SAFETY: the iovec array and every buffer it points to belong to the in-flight
+        // request in `self.slots[slot]` (guest memory kept mapped by its `mem` Arc, or its
+        // bounce buffer), or to the worker's zero buffer; none is freed or moved before this
+        // op's completion is reaped in `on_completion`.
+        unsafe { self.ring.push(entry) };
+    }
+
+    fn zero_buffer_ptr(&mut self) -> *const u8 {
+        if self.zero_buffer.is_none() {
+            self.zero_buffer = AlignedBuf::new(ZERO_BUFFER_LEN);
+        }
+        self.zero_buffer
+            .as_ref()
+            .map_or(std::ptr::null(), |b| b.as_mut_ptr().cast_const())
+    }
+
+    fn submit_and_reap(&mut self) {
+        loop {
+            if let Err(e) = self.ring.submit() {
+                log::error!("queue {}: io_uring submit failed: {e}", self.shared.index);
+            }
+            self.ring.ack_completion_event();
+            let mut cqes = std::mem::take(&mut self.cqes);
+            cqes.clear();
+            self.ring.reap(&mut cqes);
+            let reaped = !cqes.is_empty();
+            for &(user_data, res) in &cqes {
+                self.on_completion(user_data, res);
+            }
+            self.cqes = cqes;
+            if !reaped && !self.ring.has_backlog() {
+                return;
+            }
+            if !reaped {
+                // Backlog waits for completions; the completion eventfd will wake us.
+                return;
+            }
+        }
+    }
+
+    fn on_completion(&mut self, user_data: u64, res: i32) {
+        let slot = usize::try_from(user_data >> OP_INDEX_BITS).unwrap_or(usize::MAX);
+        let idx = (user_data & ((1 << OP_INDEX_BITS) - 1)) as usize;
+        let files = self.disk.layer().files();
+        let Some(inflight) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
+            log::error!("queue {}: completion for unknown slot {slot}", self.shared.index);
+            return;
+        };
+        let Some(op) = inflight.ops.get_mut(idx) else {
+            log::error!("queue {}: completion for unknown op {slot}/{idx}", self.shared.index);
+            return;
+        };
+        let nonblock = files
+            .get(op.file as usize)
+            .is_some_and(|f| f.options().nonblock);
+        let mut next = classify(op, res, nonblock);
+        if next == Next::Synchronous {
+            next = match files.get(op.file as usize) {
+                Some(file) => run_synchronously(op, file.raw_fd(), !self.disk.writeback()),
+                None => Next::Failed(libc::EBADF),
+            };
+        }
+        match next {
+            Next::Resubmit => {
+                self.push_op(slot, idx);
+                return;
+            }
+            Next::FallBackToWrite => {
+                op.kind = OpKind::WriteZeroBuffer;
+                self.push_op(slot, idx);
+                return;
+            }
+            Next::ZeroFillRest => {
+                let consumed = op.total - op.remaining;
+                if let Some(bounce) = op.bounce.as_mut() {
+                    let from = usize::try_from(consumed).unwrap_or(usize::MAX);
+                    if let Some(rest) = bounce.as_mut_slice().get_mut(from..) {
+                        rest.fill(0);
+                    }
+                } else {
+                    let rest = segments::carve(&op.guest, consumed, op.remaining);
+                    if zero_guest(&inflight.mem, &rest).is_err() {
+                        inflight.status = VIRTIO_BLK_S_IOERR;
+                    }
+                }
+                op.remaining = 0;
+            }
+            Next::Failed(errno) => {
+                log::warn!(
+                    "queue {}: {:?} on file {} at offset {} failed: {}",
+                    self.shared.index,
+                    op.kind,
+                    op.file,
+                    op.offset,
+                    std::io::Error::from_raw_os_error(errno)
+                );
+                inflight.status = VIRTIO_BLK_S_IOERR;
+            }
+            Next::Done | Next::Synchronous => {}
+        }
+        op.done = true;
+        if op.kind == OpKind::Read && inflight.status == VIRTIO_BLK_S_OK {
+            if let Some(bounce) = op.bounce.as_ref() {
+                if write_guest(&inflight.mem, &op.guest, bounce.as_slice()).is_err() {
+                    inflight.status = VIRTIO_BLK_S_IOERR;
+                }
+            }
+        }
+        inflight.pending -= 1;
+        if inflight.pending == 0 {
+            if let Some(done) = self.slots[slot].take() {
+                self.free.push(slot);
+                self.in_flight -= 1;
+                let written = if done.status == VIRTIO_BLK_S_OK {
+                    done.written
+                } else {
+                    0
+                };
+                let mem = Arc::clone(&done.mem);
+                self.complete_now(done.head, done.status_addr, done.status, written, &mem);
+            }
+        }
+    }
+}
+
+/// Runs `op` with blocking syscalls (for O_NONBLOCK fds, where io_uring answers EAGAIN).
+/// Regular files and block devices ignore O_NONBLOCK for plain preadv/pwritev.
+fn run_synchronously(op: &mut IoOp, fd: RawFd, writethrough: bool) -> Next {
+    loop {
+        let res: isize = match op.kind {
+            OpKind::Read | OpKind::Write => {
+                let count = libc::c_int::try_from(op.iov.len()).unwrap_or(libc::c_int::MAX);
+                let offset = libc::off_t::try_from(op.offset).unwrap_or(libc::off_t::MAX);
+                if op.kind == OpKind::Read {
+                    // SAFETY: the iovecs point into live guest memory or the op's bounce
+                    // buffer (see push_op), valid for writing their full lengths.
+                    unsafe { libc::preadv(fd, op.iov.as_ptr(), count, offset) }
+                } else {
+                    let flags = if writethrough { libc::RWF_DSYNC } else { 0 };
+                    // SAFETY: as above, valid for reading.
+                    unsafe { libc::pwritev2(fd, op.iov.as_ptr(), count, offset, flags) }
+                }
+            }
+            OpKind::Flush => {
+                // SAFETY: fdatasync on an fd the disk owns; no memory is passed.
+                unsafe { libc::fdatasync(fd) as isize }
+            }
+            OpKind::Discard | OpKind::ZeroRange { .. } | OpKind::WriteZeroBuffer => {
+                return Next::Failed(libc::EAGAIN);
+            }
+        };
+        let res = if res < 0 {
+            -nix::errno::Errno::last_raw()
+        } else {
+            i32::try_from(res).unwrap_or(i32::MAX)
+        };
+        match classify(op, res, false) {
+            Next::Resubmit => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Writes the serial into GET_ID's buffers; returns the bytes written.
+fn write_serial(mem: &GuestMemoryMmap, data: &[Segment], serial: &[u8]) -> u32 {
+    let mut done = 0usize;
+    for seg in data {
+        let n = (seg.len as usize).min(serial.len() - done);
+        if n == 0 {
+            break;
+        }
+        if mem.write_slice(&serial[done..done + n], seg.addr).is_err() {
+            break;
+        }
+        done += n;
+    }
+    u32::try_from(done).unwrap_or(0)
+}
+
+fn zero_guest(mem: &GuestMemoryMmap, segs: &[Segment]) -> Result<(), vm_memory::GuestMemoryError> {
+    static ZEROS: [u8; 4096] = [0; 4096];
+    for seg in segs {
+        let mut done = 0u32;
+        while done < seg.len {
+            let n = (seg.len - done).min(4096);
+            mem.write_slice(&ZEROS[..n as usize], GuestAddress(seg.addr.0 + u64::from(done)))?;
+            done += n;
+        }
+    }
+    Ok(())
+}
+
+fn read_guest(mem: &GuestMemoryMmap, segs: &[Segment], buf: &mut [u8]) -> Result<(), vm_memory::GuestMemoryError> {
+    let mut pos = 0usize;
+    for seg in segs {
+        let n = seg.len as usize;
+        mem.read_slice(&mut buf[pos..pos + n], seg.addr)?;
+        pos += n;
+    }
+    Ok(())
+}
+
+fn write_guest(mem: &GuestMemoryMmap, segs: &[Segment], buf: &[u8]) -> Result<(), vm_memory::GuestMemoryError> {
+    let mut pos = 0usize;
+    for seg in segs {
+        let n = seg.len as usize;
+        mem.write_slice(&buf[pos..pos + n], seg.addr)?;
+        pos += n;
+    }
+    Ok(())
+}

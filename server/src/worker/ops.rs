@@ -1,0 +1,243 @@
+//! In-flight requests and their I/O operations: what each SQE is doing, how far it got, and
+//! what a completion result means for it. The decisions in [`classify`] are pure and
+//! unit-tested; the worker applies them.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use crate::virtio_blk::request::Segment;
+
+/// Alignment of bounce and zero buffers: enough for O_DIRECT on any logical block size.
+pub const BUFFER_ALIGN: usize = 4096;
+
+/// What an operation asks of the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpKind {
+    Read,
+    Write,
+    /// fdatasync.
+    Flush,
+    /// fallocate(PUNCH_HOLE | KEEP_SIZE); unsupported means "nothing to do".
+    Discard,
+    /// fallocate(ZERO_RANGE or PUNCH_HOLE, KEEP_SIZE); unsupported falls back to writing zeroes.
+    ZeroRange { punch: bool },
+    /// Writing zeroes from the worker's zero buffer, chunk by chunk.
+    WriteZeroBuffer,
+}
+
+/// One operation on one file.
+pub struct IoOp {
+    pub kind: OpKind,
+    /// Fixed-file index.
+    pub file: u32,
+    /// File offset of the next byte to transfer.
+    pub offset: u64,
+    /// Bytes still to transfer (or to fallocate).
+    pub remaining: u64,
+    pub total: u64,
+    /// The remaining buffers (reads and writes).
+    pub iov: Vec<libc::iovec>,
+    /// The guest bytes this op covers, for bounce copy-out and zero fill at end of file.
+    pub guest: Vec<Segment>,
+    /// Set when O_DIRECT alignment forced a copy.
+    pub bounce: Option<AlignedBuf>,
+    pub done: bool,
+}
+
+impl IoOp {
+    pub fn new(kind: OpKind, file: u32, offset: u64, len: u64) -> IoOp {
+        IoOp {
+            kind,
+            file,
+            offset,
+            remaining: len,
+            total: len,
+            iov: Vec::new(),
+            guest: Vec::new(),
+            bounce: None,
+            done: false,
+        }
+    }
+}
+
+/// A popped descriptor chain being served.
+pub struct InFlight {
+    pub head: u16,
+    pub status_addr: GuestAddress,
+    /// Keeps guest memory mapped while the kernel may still write into it.
+    pub mem: Arc<GuestMemoryMmap>,
+    pub ops: Vec<IoOp>,
+    pub pending: usize,
+    pub status: u8,
+    /// Bytes written into device-writable buffers, status byte excluded.
+    pub written: u32,
+}
+
+/// What to do after a completion.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// The op is finished successfully.
+    Done,
+    /// The op failed with this errno.
+    Failed(i32),
+    /// Submit the (advanced) op again.
+    Resubmit,
+    /// The fd is O_NONBLOCK and io_uring said EAGAIN: do it synchronously.
+    Synchronous,
+    /// A read hit end of file: the rest reads as zeroes.
+    ZeroFillRest,
+    /// fallocate cannot zero this file: write zeroes instead.
+    FallBackToWrite,
+}
+
+/// Decides what a completion `res` means for `op`, advancing it on partial transfers.
+/// `nonblock`: the op's fd has O_NONBLOCK.
+pub fn classify(op: &mut IoOp, res: i32, nonblock: bool) -> Next {
+    if res < 0 {
+        let errno = -res;
+        return match (errno, op.kind) {
+            (libc::EINTR, _) => Next::Resubmit,
+            (libc::EAGAIN, _) if nonblock => Next::Synchronous,
+            (libc::EAGAIN, _) => Next::Resubmit,
+            (libc::EOPNOTSUPP, OpKind::Discard) => Next::Done,
+            (libc::EOPNOTSUPP | libc::EINVAL, OpKind::ZeroRange { .. }) => Next::FallBackToWrite,
+            (errno, _) => Next::Failed(errno),
+        };
+    }
+    match op.kind {
+        OpKind::Flush | OpKind::Discard | OpKind::ZeroRange { .. } => Next::Done,
+        OpKind::Read | OpKind::Write | OpKind::WriteZeroBuffer => {
+            let n = u64::try_from(res).unwrap_or(0);
+            if n == 0 && op.remaining > 0 {
+                return if op.kind == OpKind::Read {
+                    Next::ZeroFillRest
+                } else {
+                    Next::Failed(libc::ENOSPC)
+                };
+            }
+            let n = n.min(op.remaining);
+            op.remaining -= n;
+            op.offset += n;
+            if op.kind != OpKind::WriteZeroBuffer {
+                super::segments::advance(&mut op.iov, usize::try_from(n).unwrap_or(usize::MAX));
+            }
+            if op.remaining == 0 {
+                Next::Done
+            } else {
+                Next::Resubmit
+            }
+        }
+    }
+}
+
+/// A zeroed heap buffer aligned to [`BUFFER_ALIGN`], for O_DIRECT bounces and zero writes.
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like a Box<[u8]>.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    /// Allocates `len` zeroed bytes (at least one).
+    pub fn new(len: usize) -> Option<AlignedBuf> {
+        let layout = Layout::from_size_align(len.max(1), BUFFER_ALIGN).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = NonNull::new(unsafe { alloc_zeroed(layout) })?;
+        Some(AlignedBuf { ptr, layout })
+    }
+
+    pub fn len(&self) -> usize {
+        self.layout.size()
+    }
+
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len initialised (zeroed at allocation) bytes and owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len()) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in as_slice, and &mut self guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: ptr was allocated with exactly this layout in `new`.
+        unsafe { dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(kind: OpKind, len: u64) -> IoOp {
+        IoOp::new(kind, 0, 4096, len)
+    }
+
+    #[test]
+    fn full_transfer_is_done() {
+        let mut o = op(OpKind::Read, 4096);
+        assert_eq!(classify(&mut o, 4096, false), Next::Done);
+        assert_eq!(o.remaining, 0);
+    }
+
+    #[test]
+    fn short_transfer_advances_and_resubmits() {
+        let mut o = op(OpKind::Write, 4096);
+        assert_eq!(classify(&mut o, 1024, false), Next::Resubmit);
+        assert_eq!((o.offset, o.remaining), (4096 + 1024, 3072));
+    }
+
+    #[test]
+    fn read_at_eof_zero_fills_and_write_of_zero_bytes_fails() {
+        let mut r = op(OpKind::Read, 4096);
+        assert_eq!(classify(&mut r, 0, false), Next::ZeroFillRest);
+        let mut w = op(OpKind::Write, 4096);
+        assert_eq!(classify(&mut w, 0, false), Next::Failed(libc::ENOSPC));
+    }
+
+    #[test]
+    fn eagain_on_nonblocking_fd_goes_synchronous() {
+        let mut o = op(OpKind::Read, 4096);
+        assert_eq!(classify(&mut o, -libc::EAGAIN, true), Next::Synchronous);
+        assert_eq!(classify(&mut o, -libc::EAGAIN, false), Next::Resubmit);
+        assert_eq!(classify(&mut o, -libc::EINTR, true), Next::Resubmit);
+    }
+
+    #[test]
+    fn unsupported_discard_is_done_and_zero_range_falls_back() {
+        let mut d = op(OpKind::Discard, 4096);
+        assert_eq!(classify(&mut d, -libc::EOPNOTSUPP, false), Next::Done);
+        let mut z = op(OpKind::ZeroRange { punch: false }, 4096);
+        assert_eq!(
+            classify(&mut z, -libc::EOPNOTSUPP, false),
+            Next::FallBackToWrite
+        );
+    }
+
+    #[test]
+    fn io_errors_fail_with_their_errno() {
+        let mut o = op(OpKind::Write, 4096);
+        assert_eq!(classify(&mut o, -libc::EIO, false), Next::Failed(libc::EIO));
+        let mut f = op(OpKind::Flush, 0);
+        assert_eq!(classify(&mut f, -libc::ENOSPC, false), Next::Failed(libc::ENOSPC));
+    }
+
+    #[test]
+    fn aligned_buffer_is_aligned_and_zeroed() {
+        let b = AlignedBuf::new(8192).unwrap();
+        assert_eq!(b.as_mut_ptr() as usize % BUFFER_ALIGN, 0);
+        assert!(b.as_slice().iter().all(|&x| x == 0));
+    }
+}
