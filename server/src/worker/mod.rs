@@ -104,12 +104,24 @@ pub fn spawn(
 ) -> Result<JoinHandle<()>, EngineError> {
     let queue = shared.index;
     let queue_size = u32::from(disk.params().queue_size);
-    // Each request has at most one op per piece; twice the queue size leaves room for
-    // multi-piece requests, and the backlog absorbs the rest.
-    let ring = QueueRing::new(queue, (queue_size * 2).next_power_of_two(), &disk.raw_fds())?;
-    std::thread::Builder::new()
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+    let handle = std::thread::Builder::new()
         .name(format!("vublk-q{queue}"))
         .spawn(move || {
+            // The ring is created on the thread that submits to it: with SINGLE_ISSUER the
+            // kernel binds it to the task that enables it. Each request has at most one op
+            // per piece; twice the queue size leaves room, and the backlog absorbs the rest.
+            let ring =
+                match QueueRing::new(queue, (queue_size * 2).next_power_of_two(), &disk.raw_fds()) {
+                    Ok(ring) => {
+                        let _ = ready_tx.send(Ok(()));
+                        ring
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
             let mut worker = Worker {
                 shared,
                 disk,
@@ -130,7 +142,22 @@ pub fn spawn(
             queue,
             step: "spawn worker thread",
             source,
-        })
+        })?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(e)) => {
+            let _ = handle.join();
+            Err(e)
+        }
+        Err(_) => {
+            let _ = handle.join();
+            Err(EngineError::Setup {
+                queue,
+                step: "start worker thread",
+                source: std::io::Error::other("worker exited during setup"),
+            })
+        }
+    }
 }
 
 struct Worker {
