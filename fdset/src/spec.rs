@@ -23,7 +23,9 @@ pub enum FileSpec {
 pub enum SpecError {
     #[error("'{text}': fd:N needs a non-negative fd number")]
     BadFd { text: String },
-    #[error("'{text}': fds 0, 1 and 2 are stdin, stdout and stderr, not a file the manager passed")]
+    #[error(
+        "'{text}': fds 0, 1 and 2 are stdin, stdout and stderr, not a file the manager passed"
+    )]
     StdioFd { text: String },
     #[error("'{text}': /dev/fdset/N needs a non-negative fd set id")]
     BadFdSet { text: String },
@@ -93,9 +95,18 @@ mod tests {
 
     #[test]
     fn fd_spec_refuses_negative_and_garbage() {
-        assert!(matches!("fd:-3".parse::<FileSpec>(), Err(SpecError::BadFd { .. })));
-        assert!(matches!("fd:x".parse::<FileSpec>(), Err(SpecError::BadFd { .. })));
-        assert!(matches!("fd:".parse::<FileSpec>(), Err(SpecError::BadFd { .. })));
+        assert!(matches!(
+            "fd:-3".parse::<FileSpec>(),
+            Err(SpecError::BadFd { .. })
+        ));
+        assert!(matches!(
+            "fd:x".parse::<FileSpec>(),
+            Err(SpecError::BadFd { .. })
+        ));
+        assert!(matches!(
+            "fd:".parse::<FileSpec>(),
+            Err(SpecError::BadFd { .. })
+        ));
     }
 
     #[test]

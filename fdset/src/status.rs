@@ -170,7 +170,10 @@ pub fn check_image_fd(status: &FdStatus, need: ImageAccess) -> Result<(), FdErro
 pub fn check_socket_fd(status: &FdStatus) -> Result<(), FdError> {
     match status.kind {
         FileKind::Socket => Ok(()),
-        kind => Err(FdError::NotASocket { fd: status.fd, kind }),
+        kind => Err(FdError::NotASocket {
+            fd: status.fd,
+            kind,
+        }),
     }
 }
 

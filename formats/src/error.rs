@@ -12,7 +12,9 @@ pub enum OpenError {
         #[source]
         source: nix::Error,
     },
-    #[error("fd {fd} ({role}): {size} bytes is larger than the largest supported disk ({max} bytes)")]
+    #[error(
+        "fd {fd} ({role}): {size} bytes is larger than the largest supported disk ({max} bytes)"
+    )]
     TooLarge {
         fd: RawFd,
         role: String,

@@ -30,7 +30,9 @@ pub enum MapKind {
     Read,
     Write,
     /// Make the range read as zeroes; `unmap` allows deallocating it.
-    WriteZeroes { unmap: bool },
+    WriteZeroes {
+        unmap: bool,
+    },
     /// The guest no longer needs the range (contents afterwards are unspecified).
     Discard,
 }
@@ -79,8 +81,13 @@ pub trait Layer: Send + Sync + Debug {
 
     fn read_only(&self) -> bool;
 
-    fn map(&self, kind: MapKind, offset: u64, len: u64, out: &mut Vec<Piece>)
-        -> Result<(), MapError>;
+    fn map(
+        &self,
+        kind: MapKind,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<Piece>,
+    ) -> Result<(), MapError>;
 }
 
 /// Checks that `offset + len` lies within `size`, for every layer's `map`.

@@ -178,7 +178,14 @@ mod tests {
         }
     }
 
-    const BASE: [&str; 6] = ["--image", "fd:5", "--format", "raw", "--socket-path", "/tmp/s"];
+    const BASE: [&str; 6] = [
+        "--image",
+        "fd:5",
+        "--format",
+        "raw",
+        "--socket-path",
+        "/tmp/s",
+    ];
 
     fn with(extra: &[&str]) -> Result<ServeConfig, ConfigError> {
         let mut v = BASE.to_vec();
@@ -228,7 +235,11 @@ mod tests {
             Err(ConfigError::SerialTooLong { len: 21 })
         );
         assert_eq!(
-            with(&["--serial", "12345678901234567890"]).unwrap().disk.serial.len(),
+            with(&["--serial", "12345678901234567890"])
+                .unwrap()
+                .disk
+                .serial
+                .len(),
             20
         );
     }
@@ -239,10 +250,19 @@ mod tests {
             with(&["--logical-block-size", "1024"]),
             Err(ConfigError::LogicalBlockSize(1024))
         );
-        assert_eq!(with(&["--queue-size", "100"]), Err(ConfigError::QueueSize(100)));
-        assert_eq!(with(&["--queue-size", "2048"]), Err(ConfigError::QueueSize(2048)));
+        assert_eq!(
+            with(&["--queue-size", "100"]),
+            Err(ConfigError::QueueSize(100))
+        );
+        assert_eq!(
+            with(&["--queue-size", "2048"]),
+            Err(ConfigError::QueueSize(2048))
+        );
         assert_eq!(with(&["--num-queues", "0"]), Err(ConfigError::NumQueues(0)));
-        assert_eq!(with(&["--num-queues", "17"]), Err(ConfigError::NumQueues(17)));
+        assert_eq!(
+            with(&["--num-queues", "17"]),
+            Err(ConfigError::NumQueues(17))
+        );
     }
 
     #[test]
@@ -264,7 +284,16 @@ mod tests {
     #[test]
     fn two_socket_modes_are_a_syntax_error() {
         let r = Cli::try_parse_from([
-            "vublk", "serve", "--image", "x", "--format", "raw", "--fd", "4", "--connect", "/p",
+            "vublk",
+            "serve",
+            "--image",
+            "x",
+            "--format",
+            "raw",
+            "--fd",
+            "4",
+            "--connect",
+            "/p",
         ]);
         assert!(r.is_err());
     }

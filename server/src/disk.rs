@@ -47,7 +47,9 @@ pub enum DiskError {
     },
     #[error("--image {spec}: --format qcow2 is not supported yet")]
     Qcow2Unsupported { spec: FileSpec },
-    #[error("--image {spec}: the disk is {size} bytes, not a multiple of --logical-block-size {lbs}")]
+    #[error(
+        "--image {spec}: the disk is {size} bytes, not a multiple of --logical-block-size {lbs}"
+    )]
     BlockSize { spec: FileSpec, size: u64, lbs: u32 },
 }
 
@@ -161,10 +163,15 @@ impl Disk {
         if config.write(offset, data, wce_negotiated) {
             log::info!(
                 "guest set the write cache to {}",
-                if config.writeback == 1 { "writeback" } else { "writethrough" }
+                if config.writeback == 1 {
+                    "writeback"
+                } else {
+                    "writethrough"
+                }
             );
         }
-        self.writeback.store(config.writeback == 1, Ordering::Release);
+        self.writeback
+            .store(config.writeback == 1, Ordering::Release);
     }
 
     /// Writeback cache: writes complete before they are durable; FLUSH makes them so.
@@ -216,9 +223,8 @@ fn open_image(
             // FD_CLOEXEC is per descriptor, so the manager's copy is unaffected.
             // SAFETY: `fd` was just inspected and is open; F_SETFD touches no memory.
             let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-            fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(|source| {
-                fd_err(FdError::Inspect { fd, source })
-            })?;
+            fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
+                .map_err(|source| fd_err(FdError::Inspect { fd, source }))?;
             // SAFETY: the manager handed this fd to vublk for its exclusive use as the image;
             // it is open (checked above) and nothing else in this process owns it, so taking
             // ownership once here is sound.
@@ -238,12 +244,11 @@ fn open_image(
             })?;
             let owned = OwnedFd::from(file);
             // Same checks as for an fd: a directory or a socket path is refused clearly.
-            let status = FdStatus::of(std::os::fd::AsFd::as_fd(&owned)).map_err(|source| {
-                DiskError::Fd {
+            let status =
+                FdStatus::of(std::os::fd::AsFd::as_fd(&owned)).map_err(|source| DiskError::Fd {
                     spec: spec.clone(),
                     source,
-                }
-            })?;
+                })?;
             check_image_fd(
                 &status,
                 ImageAccess {

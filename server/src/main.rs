@@ -84,7 +84,13 @@ mod tests {
 
     #[test]
     fn top_level_flags_and_subcommands_are_left_alone() {
-        assert_eq!(norm(&["vublk", "--print-capabilities"]), ["vublk", "--print-capabilities"]);
-        assert_eq!(norm(&["vublk", "serve", "--fd", "3"]), ["vublk", "serve", "--fd", "3"]);
+        assert_eq!(
+            norm(&["vublk", "--print-capabilities"]),
+            ["vublk", "--print-capabilities"]
+        );
+        assert_eq!(
+            norm(&["vublk", "serve", "--fd", "3"]),
+            ["vublk", "serve", "--fd", "3"]
+        );
     }
 }

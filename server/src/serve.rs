@@ -22,8 +22,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     signals.add(Signal::SIGTERM);
     signals.add(Signal::SIGINT);
     signals.thread_block().context("blocking SIGTERM/SIGINT")?;
-    let signal_fd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC)
-        .context("creating a signalfd")?;
+    let signal_fd =
+        SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC).context("creating a signalfd")?;
 
     let disk = Arc::new(Disk::open(&config.disk, &config.device)?);
     let endpoint = Endpoint::prepare(&config.device.socket)?;
@@ -32,7 +32,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
         config.disk.image,
         disk.params().capacity_bytes,
         disk.layer().format(),
-        if disk.params().read_only { ", read-only" } else { "" },
+        if disk.params().read_only {
+            ", read-only"
+        } else {
+            ""
+        },
         config.device.num_queues,
         config.device.queue_size,
     );

@@ -47,13 +47,18 @@ impl QueueRing {
     /// Creates a ring of `entries` SQEs for `queue`, registers `files` as fixed files 0..n and
     /// the completion eventfd, restricts it to [`ALLOWED_OPCODES`] on fixed files, and enables it.
     pub fn new(queue: u16, entries: u32, files: &[RawFd]) -> Result<QueueRing, EngineError> {
-        let step = |step| move |source| EngineError::Setup {
-            queue,
-            step,
-            source,
+        let step = |step| {
+            move |source| EngineError::Setup {
+                queue,
+                step,
+                source,
+            }
         };
         let mut builder = IoUring::builder();
-        builder.setup_r_disabled().setup_coop_taskrun().setup_single_issuer();
+        builder
+            .setup_r_disabled()
+            .setup_coop_taskrun()
+            .setup_single_issuer();
         let ring = match builder.build(entries) {
             Ok(ring) => ring,
             // Older kernels lack COOP_TASKRUN/SINGLE_ISSUER: retry with only R_DISABLED.

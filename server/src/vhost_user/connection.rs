@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{getsockname, getsockopt, sockopt, AddressFamily, SockType, SockaddrLike, UnixAddr};
+use nix::sys::socket::{
+    getsockname, getsockopt, sockopt, AddressFamily, SockType, SockaddrLike, UnixAddr,
+};
 use vhost::vhost_user::BackendReqHandler;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vublk_fdset::{check_socket_fd, FdError, FdStatus};
@@ -145,7 +147,11 @@ impl Shutdown {
     }
 
     pub fn request(&self) {
-        *self.inner.requested.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        *self
+            .inner
+            .requested
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = true;
         let _ = self.inner.evt.write(1);
         if let Some(conn) = self
             .inner
@@ -159,7 +165,11 @@ impl Shutdown {
     }
 
     fn requested(&self) -> bool {
-        *self.inner.requested.lock().unwrap_or_else(|e| e.into_inner())
+        *self
+            .inner
+            .requested
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     fn set_current(&self, conn: Option<UnixStream>) {

@@ -10,14 +10,18 @@ use std::thread::JoinHandle;
 
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
-    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures,
-    VhostUserShMemConfig, VhostUserSharedMsg, VhostUserSingleMemoryRegion,
-    VhostUserVirtioFeatures, VhostUserVringAddrFlags, VhostUserVringState,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
+    VhostUserVringAddrFlags, VhostUserVringState,
 };
-use vhost::vhost_user::{Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut};
+use vhost::vhost_user::{
+    Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut,
+};
 use vhost::VhostUserMemoryRegionBase;
 use vhost_user_backend::VringT;
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
+};
 
 use crate::disk::Disk;
 use crate::virtio_blk::feature::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_RING_F_EVENT_IDX};
@@ -146,9 +150,12 @@ impl BlkHandler {
     fn update_memory(&mut self, mem: GuestMemoryMmap) {
         // Workers load the new map on their next batch; requests in flight keep the old one
         // mapped through their Arc until they complete.
-        self.mem.lock().map(|guard| guard.replace(mem)).unwrap_or_else(|_| {
-            log::error!("guest memory lock poisoned");
-        });
+        self.mem
+            .lock()
+            .map(|guard| guard.replace(mem))
+            .unwrap_or_else(|_| {
+                log::error!("guest memory lock poisoned");
+            });
         for queue in &self.queues {
             queue.poke();
         }
@@ -236,10 +243,14 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
     fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
         let max = u32::from(self.disk.params().queue_size);
         if num == 0 || num > max || !num.is_power_of_two() {
-            return Err(invalid("vring size is not a power of two within the queue size"));
+            return Err(invalid(
+                "vring size is not a power of two within the queue size",
+            ));
         }
         let queue = self.queue(index)?;
-        queue.vring.set_queue_size(u16::try_from(num).map_err(|_| VuError::InvalidParam)?);
+        queue
+            .vring
+            .set_queue_size(u16::try_from(num).map_err(|_| VuError::InvalidParam)?);
         Ok(())
     }
 
@@ -317,7 +328,9 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
         if features & !protocol_features().bits() != 0 {
-            return Err(invalid("frontend acked protocol features the device did not offer"));
+            return Err(invalid(
+                "frontend acked protocol features the device did not offer",
+            ));
         }
         self.acked_protocol_features = features;
         Ok(())
@@ -351,7 +364,12 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
             .ok_or_else(|| invalid("config space read out of range"))
     }
 
-    fn set_config(&mut self, offset: u32, buf: &[u8], _flags: VhostUserConfigFlags) -> VuResult<()> {
+    fn set_config(
+        &mut self,
+        offset: u32,
+        buf: &[u8],
+        _flags: VhostUserConfigFlags,
+    ) -> VuResult<()> {
         let wce = self.acked_features & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0;
         self.disk.write_config(offset, buf, wce);
         Ok(())
@@ -362,18 +380,24 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
     }
 
     fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VuResult<File> {
-        Err(VuError::InvalidOperation("shared objects are not supported"))
+        Err(VuError::InvalidOperation(
+            "shared objects are not supported",
+        ))
     }
 
     fn get_inflight_fd(
         &mut self,
         _inflight: &VhostUserInflight,
     ) -> VuResult<(VhostUserInflight, File)> {
-        Err(VuError::InvalidOperation("inflight tracking is not supported yet"))
+        Err(VuError::InvalidOperation(
+            "inflight tracking is not supported yet",
+        ))
     }
 
     fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
-        Err(VuError::InvalidOperation("inflight tracking is not supported yet"))
+        Err(VuError::InvalidOperation(
+            "inflight tracking is not supported yet",
+        ))
     }
 
     fn get_max_mem_slots(&mut self) -> VuResult<u64> {
@@ -431,11 +455,15 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
         _phase: VhostTransferStatePhase,
         _fd: File,
     ) -> VuResult<Option<File>> {
-        Err(VuError::InvalidOperation("device state transfer is not supported"))
+        Err(VuError::InvalidOperation(
+            "device state transfer is not supported",
+        ))
     }
 
     fn check_device_state(&mut self) -> VuResult<()> {
-        Err(VuError::InvalidOperation("device state transfer is not supported"))
+        Err(VuError::InvalidOperation(
+            "device state transfer is not supported",
+        ))
     }
 
     fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {

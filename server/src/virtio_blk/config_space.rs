@@ -33,7 +33,7 @@ pub struct BlkConfig {
 
 impl BlkConfig {
     /// The little-endian layout the driver reads.
-    pub fn to_bytes(&self) -> [u8; CONFIG_SPACE_LEN] {
+    pub fn to_bytes(self) -> [u8; CONFIG_SPACE_LEN] {
         let mut b = [0u8; CONFIG_SPACE_LEN];
         b[0..8].copy_from_slice(&self.capacity.to_le_bytes());
         b[8..12].copy_from_slice(&self.size_max.to_le_bytes());
@@ -103,6 +103,13 @@ impl BlkConfig {
 mod tests {
     use super::*;
 
+    const WB: u32 = 32;
+
+    #[test]
+    fn writeback_offset_constant_matches() {
+        assert_eq!(WB as usize, WRITEBACK_OFFSET);
+    }
+
     fn sample() -> BlkConfig {
         BlkConfig {
             capacity: 0x0102_0304_0506_0708,
@@ -119,7 +126,10 @@ mod tests {
     #[test]
     fn layout_matches_virtio_blk_config_offsets() {
         let b = sample().to_bytes();
-        assert_eq!(u64::from_le_bytes(b[0..8].try_into().unwrap()), 0x0102_0304_0506_0708);
+        assert_eq!(
+            u64::from_le_bytes(b[0..8].try_into().unwrap()),
+            0x0102_0304_0506_0708
+        );
         assert_eq!(u32::from_le_bytes(b[12..16].try_into().unwrap()), 254);
         assert_eq!(u32::from_le_bytes(b[20..24].try_into().unwrap()), 4096);
         assert_eq!(b[32], 1);
@@ -139,9 +149,9 @@ mod tests {
     #[test]
     fn only_writeback_is_writable_and_only_with_wce() {
         let mut c = sample();
-        assert!(!c.write(WRITEBACK_OFFSET as u32, &[0], false));
+        assert!(!c.write(WB, &[0], false));
         assert_eq!(c.writeback, 1);
-        assert!(c.write(WRITEBACK_OFFSET as u32, &[0], true));
+        assert!(c.write(WB, &[0], true));
         assert_eq!(c.writeback, 0);
         // A write covering capacity does not change it.
         assert!(c.write(0, &[0xff; 40], true));

@@ -44,12 +44,25 @@ pub struct DiskRange {
 /// What a valid request asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    Read { range: DiskRange, data: Vec<Segment> },
-    Write { range: DiskRange, data: Vec<Segment> },
+    Read {
+        range: DiskRange,
+        data: Vec<Segment>,
+    },
+    Write {
+        range: DiskRange,
+        data: Vec<Segment>,
+    },
     Flush,
-    GetId { data: Vec<Segment> },
-    Discard { ranges: Vec<DiskRange> },
-    WriteZeroes { ranges: Vec<DiskRange>, unmap: bool },
+    GetId {
+        data: Vec<Segment>,
+    },
+    Discard {
+        ranges: Vec<DiskRange>,
+    },
+    WriteZeroes {
+        ranges: Vec<DiskRange>,
+        unmap: bool,
+    },
 }
 
 /// A request that passed every check.
@@ -255,7 +268,8 @@ pub fn parse<M: GuestMemoryBackend>(
             if !writable.is_empty() {
                 return Err(fail(RejectReason::WrongDirection));
             }
-            let (ranges, unmap) = parse_dwz_segments(mem, &payload, is_discard, geo).map_err(fail)?;
+            let (ranges, unmap) =
+                parse_dwz_segments(mem, &payload, is_discard, geo).map_err(fail)?;
             if is_discard {
                 Op::Discard { ranges }
             } else {
@@ -411,7 +425,8 @@ mod tests {
     const MEM_SIZE: u64 = 1 << 20;
 
     fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), usize::try_from(MEM_SIZE).unwrap())])
+            .unwrap()
     }
 
     fn geo() -> Geometry {
@@ -456,7 +471,11 @@ mod tests {
     #[test]
     fn read_request_parses_sector_and_data() {
         let m = mem();
-        let chain = [header(&m, 0, VIRTIO_BLK_T_IN, 8), buf(4096, 4096, true), status(100)];
+        let chain = [
+            header(&m, 0, VIRTIO_BLK_T_IN, 8),
+            buf(4096, 4096, true),
+            status(100),
+        ];
         let req = parse(&chain, false, &m, &geo()).unwrap();
         assert_eq!(req.status, GuestAddress(100));
         assert_eq!(
@@ -485,7 +504,16 @@ mod tests {
         ];
         let req = parse(&chain, false, &m, &geo()).unwrap();
         assert_eq!(req.status, GuestAddress(8192 + 512));
-        assert!(matches!(req.op, Op::Read { range: DiskRange { offset: 0, len: 512 }, .. }));
+        assert!(matches!(
+            req.op,
+            Op::Read {
+                range: DiskRange {
+                    offset: 0,
+                    len: 512
+                },
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -513,23 +541,44 @@ mod tests {
     fn unknown_type_is_unsupp() {
         let m = mem();
         let chain = [header(&m, 0, 99, 0), status(100)];
-        assert_eq!(outcome(parse(&chain, false, &m, &geo())), Outcome::Status(VIRTIO_BLK_S_UNSUPP));
+        assert_eq!(
+            outcome(parse(&chain, false, &m, &geo())),
+            Outcome::Status(VIRTIO_BLK_S_UNSUPP)
+        );
     }
 
     #[test]
     fn read_past_end_is_ioerr() {
         let m = mem();
         let last_sector = (1 << 20) / 512;
-        let chain = [header(&m, 0, VIRTIO_BLK_T_IN, last_sector), buf(4096, 512, true), status(100)];
-        assert_eq!(outcome(parse(&chain, false, &m, &geo())), Outcome::Status(VIRTIO_BLK_S_IOERR));
-        let chain = [header(&m, 0, VIRTIO_BLK_T_IN, u64::MAX / 2), buf(4096, 512, true), status(100)];
-        assert_eq!(outcome(parse(&chain, false, &m, &geo())), Outcome::Status(VIRTIO_BLK_S_IOERR));
+        let chain = [
+            header(&m, 0, VIRTIO_BLK_T_IN, last_sector),
+            buf(4096, 512, true),
+            status(100),
+        ];
+        assert_eq!(
+            outcome(parse(&chain, false, &m, &geo())),
+            Outcome::Status(VIRTIO_BLK_S_IOERR)
+        );
+        let chain = [
+            header(&m, 0, VIRTIO_BLK_T_IN, u64::MAX / 2),
+            buf(4096, 512, true),
+            status(100),
+        ];
+        assert_eq!(
+            outcome(parse(&chain, false, &m, &geo())),
+            Outcome::Status(VIRTIO_BLK_S_IOERR)
+        );
     }
 
     #[test]
     fn length_not_a_sector_multiple_is_ioerr() {
         let m = mem();
-        let chain = [header(&m, 0, VIRTIO_BLK_T_IN, 0), buf(4096, 100, true), status(100)];
+        let chain = [
+            header(&m, 0, VIRTIO_BLK_T_IN, 0),
+            buf(4096, 100, true),
+            status(100),
+        ];
         let r = parse(&chain, false, &m, &geo());
         assert_eq!(r.clone().unwrap_err().reason, RejectReason::Misaligned(100));
         assert_eq!(outcome(r), Outcome::Status(VIRTIO_BLK_S_IOERR));
@@ -542,8 +591,15 @@ mod tests {
             logical_block_size: 4096,
             ..geo()
         };
-        let chain = [header(&m, 0, VIRTIO_BLK_T_IN, 1), buf(4096, 4096, true), status(100)];
-        assert_eq!(outcome(parse(&chain, false, &m, &g)), Outcome::Status(VIRTIO_BLK_S_IOERR));
+        let chain = [
+            header(&m, 0, VIRTIO_BLK_T_IN, 1),
+            buf(4096, 4096, true),
+            status(100),
+        ];
+        assert_eq!(
+            outcome(parse(&chain, false, &m, &g)),
+            Outcome::Status(VIRTIO_BLK_S_IOERR)
+        );
     }
 
     #[test]
@@ -553,17 +609,30 @@ mod tests {
             read_only: true,
             ..geo()
         };
-        let chain = [header(&m, 0, VIRTIO_BLK_T_OUT, 0), buf(4096, 512, false), status(100)];
-        assert_eq!(parse(&chain, false, &m, &g).unwrap_err().reason, RejectReason::ReadOnly);
+        let chain = [
+            header(&m, 0, VIRTIO_BLK_T_OUT, 0),
+            buf(4096, 512, false),
+            status(100),
+        ];
+        assert_eq!(
+            parse(&chain, false, &m, &g).unwrap_err().reason,
+            RejectReason::ReadOnly
+        );
     }
 
     #[test]
     fn wrong_direction_data_is_ioerr() {
         let m = mem();
-        let read_with_readable_data =
-            [header(&m, 0, VIRTIO_BLK_T_IN, 0), buf(4096, 512, false), status(100)];
-        let write_with_writable_data =
-            [header(&m, 32, VIRTIO_BLK_T_OUT, 0), buf(4096, 512, true), status(100)];
+        let read_with_readable_data = [
+            header(&m, 0, VIRTIO_BLK_T_IN, 0),
+            buf(4096, 512, false),
+            status(100),
+        ];
+        let write_with_writable_data = [
+            header(&m, 32, VIRTIO_BLK_T_OUT, 0),
+            buf(4096, 512, true),
+            status(100),
+        ];
         for chain in [read_with_readable_data, write_with_writable_data] {
             assert_eq!(
                 parse(&chain, false, &m, &geo()).unwrap_err().reason,
@@ -575,7 +644,12 @@ mod tests {
     #[test]
     fn readable_after_writable_is_ioerr() {
         let m = mem();
-        let chain = [header(&m, 0, VIRTIO_BLK_T_IN, 0), buf(4096, 512, true), buf(0, 16, false), status(100)];
+        let chain = [
+            header(&m, 0, VIRTIO_BLK_T_IN, 0),
+            buf(4096, 512, true),
+            buf(0, 16, false),
+            status(100),
+        ];
         assert_eq!(
             parse(&chain, false, &m, &geo()).unwrap_err().reason,
             RejectReason::ReadableAfterWritable
@@ -586,13 +660,20 @@ mod tests {
     fn short_header_is_ioerr() {
         let m = mem();
         let chain = [buf(0, 8, false), status(100)];
-        assert_eq!(parse(&chain, false, &m, &geo()).unwrap_err().reason, RejectReason::ShortHeader);
+        assert_eq!(
+            parse(&chain, false, &m, &geo()).unwrap_err().reason,
+            RejectReason::ShortHeader
+        );
     }
 
     #[test]
     fn data_outside_guest_memory_is_ioerr() {
         let m = mem();
-        let chain = [header(&m, 0, VIRTIO_BLK_T_IN, 0), buf(MEM_SIZE - 256, 512, true), status(100)];
+        let chain = [
+            header(&m, 0, VIRTIO_BLK_T_IN, 0),
+            buf(MEM_SIZE - 256, 512, true),
+            status(100),
+        ];
         assert_eq!(
             parse(&chain, false, &m, &geo()).unwrap_err().reason,
             RejectReason::OutsideGuestMemory
@@ -605,8 +686,17 @@ mod tests {
         let readonly_status = [header(&m, 0, VIRTIO_BLK_T_IN, 0), buf(4096, 512, false)];
         let status_outside = [header(&m, 0, VIRTIO_BLK_T_IN, 0), status(MEM_SIZE + 5)];
         let empty: [Descriptor; 0] = [];
-        let zero_len_status = [header(&m, 0, VIRTIO_BLK_T_IN, 0), buf(4096, 512, true), buf(100, 0, true)];
-        for chain in [&readonly_status[..], &status_outside[..], &empty[..], &zero_len_status[..]] {
+        let zero_len_status = [
+            header(&m, 0, VIRTIO_BLK_T_IN, 0),
+            buf(4096, 512, true),
+            buf(100, 0, true),
+        ];
+        for chain in [
+            &readonly_status[..],
+            &status_outside[..],
+            &empty[..],
+            &zero_len_status[..],
+        ] {
             assert_eq!(outcome(parse(chain, false, &m, &geo())), Outcome::NoStatus);
         }
     }
@@ -614,7 +704,11 @@ mod tests {
     #[test]
     fn truncated_chain_gives_no_status() {
         let m = mem();
-        let chain = [header(&m, 0, VIRTIO_BLK_T_IN, 0), buf(4096, 512, true), status(100)];
+        let chain = [
+            header(&m, 0, VIRTIO_BLK_T_IN, 0),
+            buf(4096, 512, true),
+            status(100),
+        ];
         assert_eq!(outcome(parse(&chain, true, &m, &geo())), Outcome::NoStatus);
     }
 
@@ -642,8 +736,14 @@ mod tests {
             req.op,
             Op::WriteZeroes {
                 ranges: vec![
-                    DiskRange { offset: 0, len: 4096 },
-                    DiskRange { offset: 8192, len: 4096 }
+                    DiskRange {
+                        offset: 0,
+                        len: 4096
+                    },
+                    DiskRange {
+                        offset: 8192,
+                        len: 4096
+                    }
                 ],
                 unmap: true
             }
@@ -653,25 +753,69 @@ mod tests {
     #[test]
     fn discard_with_unmap_or_unknown_flags_is_unsupp() {
         let m = mem();
-        let unmap = [header(&m, 0, VIRTIO_BLK_T_DISCARD, 0), dwz(&m, 1000, &[(0, 8, 1)]), status(100)];
-        assert_eq!(outcome(parse(&unmap, false, &m, &geo())), Outcome::Status(VIRTIO_BLK_S_UNSUPP));
-        let unknown = [header(&m, 0, VIRTIO_BLK_T_WRITE_ZEROES, 0), dwz(&m, 1000, &[(0, 8, 4)]), status(100)];
-        assert_eq!(outcome(parse(&unknown, false, &m, &geo())), Outcome::Status(VIRTIO_BLK_S_UNSUPP));
+        let unmap = [
+            header(&m, 0, VIRTIO_BLK_T_DISCARD, 0),
+            dwz(&m, 1000, &[(0, 8, 1)]),
+            status(100),
+        ];
+        assert_eq!(
+            outcome(parse(&unmap, false, &m, &geo())),
+            Outcome::Status(VIRTIO_BLK_S_UNSUPP)
+        );
+        let unknown = [
+            header(&m, 0, VIRTIO_BLK_T_WRITE_ZEROES, 0),
+            dwz(&m, 1000, &[(0, 8, 4)]),
+            status(100),
+        ];
+        assert_eq!(
+            outcome(parse(&unknown, false, &m, &geo())),
+            Outcome::Status(VIRTIO_BLK_S_UNSUPP)
+        );
     }
 
     #[test]
     fn discard_limits_are_enforced() {
         let m = mem();
         let g = geo();
-        let too_many: Vec<(u64, u32, u32)> = (0..=u64::from(MAX_DISCARD_SEG)).map(|i| (i, 1, 0)).collect();
-        let chain = [header(&m, 0, VIRTIO_BLK_T_DISCARD, 0), dwz(&m, 1000, &too_many), status(100)];
-        assert_eq!(outcome(parse(&chain, false, &m, &g)), Outcome::Status(VIRTIO_BLK_S_UNSUPP));
-        let too_big = [header(&m, 0, VIRTIO_BLK_T_DISCARD, 0), dwz(&m, 1000, &[(0, 1025, 0)]), status(100)];
-        assert_eq!(parse(&too_big, false, &m, &g).unwrap_err().reason, RejectReason::SegmentTooLarge);
-        let past_end = [header(&m, 0, VIRTIO_BLK_T_DISCARD, 0), dwz(&m, 1000, &[(2047, 2, 0)]), status(100)];
-        assert_eq!(parse(&past_end, false, &m, &g).unwrap_err().reason, RejectReason::OutOfRange);
-        let ragged = [header(&m, 0, VIRTIO_BLK_T_DISCARD, 0), buf(1000, 15, false), status(100)];
-        assert_eq!(parse(&ragged, false, &m, &g).unwrap_err().reason, RejectReason::BadSegmentPayload);
+        let too_many: Vec<(u64, u32, u32)> = (0..=u64::from(MAX_DISCARD_SEG))
+            .map(|i| (i, 1, 0))
+            .collect();
+        let chain = [
+            header(&m, 0, VIRTIO_BLK_T_DISCARD, 0),
+            dwz(&m, 1000, &too_many),
+            status(100),
+        ];
+        assert_eq!(
+            outcome(parse(&chain, false, &m, &g)),
+            Outcome::Status(VIRTIO_BLK_S_UNSUPP)
+        );
+        let too_big = [
+            header(&m, 0, VIRTIO_BLK_T_DISCARD, 0),
+            dwz(&m, 1000, &[(0, 1025, 0)]),
+            status(100),
+        ];
+        assert_eq!(
+            parse(&too_big, false, &m, &g).unwrap_err().reason,
+            RejectReason::SegmentTooLarge
+        );
+        let past_end = [
+            header(&m, 0, VIRTIO_BLK_T_DISCARD, 0),
+            dwz(&m, 1000, &[(2047, 2, 0)]),
+            status(100),
+        ];
+        assert_eq!(
+            parse(&past_end, false, &m, &g).unwrap_err().reason,
+            RejectReason::OutOfRange
+        );
+        let ragged = [
+            header(&m, 0, VIRTIO_BLK_T_DISCARD, 0),
+            buf(1000, 15, false),
+            status(100),
+        ];
+        assert_eq!(
+            parse(&ragged, false, &m, &g).unwrap_err().reason,
+            RejectReason::BadSegmentPayload
+        );
     }
 
     #[test]
@@ -681,8 +825,15 @@ mod tests {
             discard: false,
             ..geo()
         };
-        let chain = [header(&m, 0, VIRTIO_BLK_T_DISCARD, 0), dwz(&m, 1000, &[(0, 8, 0)]), status(100)];
-        assert_eq!(outcome(parse(&chain, false, &m, &g)), Outcome::Status(VIRTIO_BLK_S_UNSUPP));
+        let chain = [
+            header(&m, 0, VIRTIO_BLK_T_DISCARD, 0),
+            dwz(&m, 1000, &[(0, 8, 0)]),
+            status(100),
+        ];
+        assert_eq!(
+            outcome(parse(&chain, false, &m, &g)),
+            Outcome::Status(VIRTIO_BLK_S_UNSUPP)
+        );
     }
 
     #[test]
@@ -690,13 +841,24 @@ mod tests {
         let m = mem();
         let flush = [header(&m, 0, VIRTIO_BLK_T_FLUSH, 0), status(100)];
         assert_eq!(parse(&flush, false, &m, &geo()).unwrap().op, Op::Flush);
-        let get_id = [header(&m, 0, VIRTIO_BLK_T_GET_ID, 0), buf(200, 20, true), status(100)];
-        assert!(matches!(parse(&get_id, false, &m, &geo()).unwrap().op, Op::GetId { .. }));
+        let get_id = [
+            header(&m, 0, VIRTIO_BLK_T_GET_ID, 0),
+            buf(200, 20, true),
+            status(100),
+        ];
+        assert!(matches!(
+            parse(&get_id, false, &m, &geo()).unwrap().op,
+            Op::GetId { .. }
+        ));
     }
 
     #[test]
     fn oversized_request_is_ioerr() {
-        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (MAX_REQUEST_BYTES + (2 << 20)) as usize)]).unwrap();
+        let m = GuestMemoryMmap::from_ranges(&[(
+            GuestAddress(0),
+            usize::try_from(MAX_REQUEST_BYTES + (2 << 20)).unwrap(),
+        )])
+        .unwrap();
         let g = Geometry {
             capacity_bytes: 1 << 40,
             ..geo()

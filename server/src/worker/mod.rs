@@ -111,17 +111,20 @@ pub fn spawn(
             // The ring is created on the thread that submits to it: with SINGLE_ISSUER the
             // kernel binds it to the task that enables it. Each request has at most one op
             // per piece; twice the queue size leaves room, and the backlog absorbs the rest.
-            let ring =
-                match QueueRing::new(queue, (queue_size * 2).next_power_of_two(), &disk.raw_fds()) {
-                    Ok(ring) => {
-                        let _ = ready_tx.send(Ok(()));
-                        ring
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
+            let ring = match QueueRing::new(
+                queue,
+                (queue_size * 2).next_power_of_two(),
+                &disk.raw_fds(),
+            ) {
+                Ok(ring) => {
+                    let _ = ready_tx.send(Ok(()));
+                    ring
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
             let mut worker = Worker {
                 shared,
                 disk,
@@ -184,12 +187,20 @@ impl Worker {
         log::debug!("queue {q}: worker started");
         loop {
             let (stop_requested, stopped, exit) = {
-                let c = self.shared.control.lock().unwrap_or_else(|e| e.into_inner());
+                let c = self
+                    .shared
+                    .control
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
                 (c.stop_requested, c.stopped, c.exit)
             };
             let stopping = stop_requested > stopped || exit;
             if stopping && self.in_flight == 0 {
-                let mut c = self.shared.control.lock().unwrap_or_else(|e| e.into_inner());
+                let mut c = self
+                    .shared
+                    .control
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
                 c.stopped = c.stop_requested;
                 self.broken = false;
                 self.shared.changed.notify_all();
@@ -231,17 +242,19 @@ impl Worker {
     fn wait(&mut self, kick: Option<RawFd>) {
         let wake_fd = self.shared.wake.as_raw_fd();
         let ring_fd = self.ring.completion_fd();
+        // The wake eventfd and the ring's eventfd are owned by `self` and outlive this call.
+        // The kick fd is owned by the vring; the handler replaces it only after poking `wake`,
+        // so at worst poll sees a stale fd and returns early. poll reads no memory through
+        // any of them.
+        let borrow = |fd: RawFd| {
+            // SAFETY: see above: each fd stays open (or is merely stale) during the poll.
+            unsafe { BorrowedFd::borrow_raw(fd) }
+        };
         let mut fds = Vec::with_capacity(3);
-        // SAFETY (for the three borrows below): the wake eventfd and the ring's eventfd are
-        // owned by `self` and live across this call; the kick fd is owned by the vring, which
-        // the handler replaces only after poking `wake`, so at worst poll sees a stale fd and
-        // returns early; it never reads memory through it.
-        fds.push(PollFd::new(unsafe { BorrowedFd::borrow_raw(wake_fd) }, PollFlags::POLLIN));
-        // SAFETY: see above.
-        fds.push(PollFd::new(unsafe { BorrowedFd::borrow_raw(ring_fd) }, PollFlags::POLLIN));
+        fds.push(PollFd::new(borrow(wake_fd), PollFlags::POLLIN));
+        fds.push(PollFd::new(borrow(ring_fd), PollFlags::POLLIN));
         if let Some(kick) = kick {
-            // SAFETY: see above.
-            fds.push(PollFd::new(unsafe { BorrowedFd::borrow_raw(kick) }, PollFlags::POLLIN));
+            fds.push(PollFd::new(borrow(kick), PollFlags::POLLIN));
         }
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) | Err(nix::Error::EINTR) => {}
@@ -311,7 +324,10 @@ impl Worker {
                     Ok(true) => continue,
                     Ok(false) => break,
                     Err(e) => {
-                        log::error!("queue {}: cannot enable notifications: {e}", self.shared.index);
+                        log::error!(
+                            "queue {}: cannot enable notifications: {e}",
+                            self.shared.index
+                        );
                         break;
                     }
                 }
@@ -342,7 +358,10 @@ impl Worker {
 
     fn add_used(&mut self, head: u16, len: u32) {
         if let Err(e) = self.shared.vring.add_used(head, len) {
-            log::error!("queue {}: cannot add used element {head}: {e}", self.shared.index);
+            log::error!(
+                "queue {}: cannot add used element {head}: {e}",
+                self.shared.index
+            );
         }
         self.signal = true;
     }
@@ -358,7 +377,10 @@ impl Worker {
     ) {
         // The parser checked the status byte is in guest memory.
         if let Err(e) = mem.write_obj(status, status_addr) {
-            log::error!("queue {}: cannot write status of {head}: {e}", self.shared.index);
+            log::error!(
+                "queue {}: cannot write status of {head}: {e}",
+                self.shared.index
+            );
             self.add_used(head, 0);
             return;
         }
@@ -415,7 +437,11 @@ impl Worker {
             Op::Discard { ranges } => self.plan_fallocate(&mut inflight, MapKind::Discard, &ranges),
             Op::WriteZeroes { ranges, unmap } => {
                 let punch = unmap && self.disk.params().discard;
-                self.plan_fallocate(&mut inflight, MapKind::WriteZeroes { unmap: punch }, &ranges)
+                self.plan_fallocate(
+                    &mut inflight,
+                    MapKind::WriteZeroes { unmap: punch },
+                    &ranges,
+                )
             }
         };
         if result.is_err() {
@@ -625,11 +651,17 @@ impl Worker {
         let idx = (user_data & ((1 << OP_INDEX_BITS) - 1)) as usize;
         let files = self.disk.layer().files();
         let Some(inflight) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
-            log::error!("queue {}: completion for unknown slot {slot}", self.shared.index);
+            log::error!(
+                "queue {}: completion for unknown slot {slot}",
+                self.shared.index
+            );
             return;
         };
         let Some(op) = inflight.ops.get_mut(idx) else {
-            log::error!("queue {}: completion for unknown op {slot}/{idx}", self.shared.index);
+            log::error!(
+                "queue {}: completion for unknown op {slot}/{idx}",
+                self.shared.index
+            );
             return;
         };
         let nonblock = files
@@ -765,14 +797,21 @@ fn zero_guest(mem: &GuestMemoryMmap, segs: &[Segment]) -> Result<(), vm_memory::
         let mut done = 0u32;
         while done < seg.len {
             let n = (seg.len - done).min(4096);
-            mem.write_slice(&ZEROS[..n as usize], GuestAddress(seg.addr.0 + u64::from(done)))?;
+            mem.write_slice(
+                &ZEROS[..n as usize],
+                GuestAddress(seg.addr.0 + u64::from(done)),
+            )?;
             done += n;
         }
     }
     Ok(())
 }
 
-fn read_guest(mem: &GuestMemoryMmap, segs: &[Segment], buf: &mut [u8]) -> Result<(), vm_memory::GuestMemoryError> {
+fn read_guest(
+    mem: &GuestMemoryMmap,
+    segs: &[Segment],
+    buf: &mut [u8],
+) -> Result<(), vm_memory::GuestMemoryError> {
     let mut pos = 0usize;
     for seg in segs {
         let n = seg.len as usize;
@@ -782,7 +821,11 @@ fn read_guest(mem: &GuestMemoryMmap, segs: &[Segment], buf: &mut [u8]) -> Result
     Ok(())
 }
 
-fn write_guest(mem: &GuestMemoryMmap, segs: &[Segment], buf: &[u8]) -> Result<(), vm_memory::GuestMemoryError> {
+fn write_guest(
+    mem: &GuestMemoryMmap,
+    segs: &[Segment],
+    buf: &[u8],
+) -> Result<(), vm_memory::GuestMemoryError> {
     let mut pos = 0usize;
     for seg in segs {
         let n = seg.len as usize;

@@ -23,7 +23,9 @@ pub enum OpKind {
     /// fallocate(PUNCH_HOLE | KEEP_SIZE); unsupported means "nothing to do".
     Discard,
     /// fallocate(ZERO_RANGE or PUNCH_HOLE, KEEP_SIZE); unsupported falls back to writing zeroes.
-    ZeroRange { punch: bool },
+    ZeroRange {
+        punch: bool,
+    },
     /// Writing zeroes from the worker's zero buffer, chunk by chunk.
     WriteZeroBuffer,
 }
@@ -231,7 +233,10 @@ mod tests {
         let mut o = op(OpKind::Write, 4096);
         assert_eq!(classify(&mut o, -libc::EIO, false), Next::Failed(libc::EIO));
         let mut f = op(OpKind::Flush, 0);
-        assert_eq!(classify(&mut f, -libc::ENOSPC, false), Next::Failed(libc::ENOSPC));
+        assert_eq!(
+            classify(&mut f, -libc::ENOSPC, false),
+            Next::Failed(libc::ENOSPC)
+        );
     }
 
     #[test]
