@@ -206,3 +206,59 @@ pub fn connect_with_timeout(path: &Path, timeout: Duration) -> Result<UnixStream
         }
     }
 }
+
+/// Makes `cmd`'s child inherit each `(fd, target)` pair as fd number `target`, as a manager
+/// passes image and socket fds. The parent's fds are left as they are (close-on-exec).
+pub fn pass_fds(cmd: &mut Command, fds: &[(std::os::fd::RawFd, std::os::fd::RawFd)]) {
+    use std::os::unix::process::CommandExt;
+    let fds = fds.to_vec();
+    // SAFETY: the closure runs in the forked child before exec and only calls dup2 and fcntl,
+    // which are async-signal-safe; it allocates nothing (the Vec was built before fork).
+    unsafe {
+        cmd.pre_exec(move || {
+            for &(fd, target) in &fds {
+                if fd == target {
+                    // Same number: just clear close-on-exec.
+                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(fd, target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Runs vublk with `args` to completion (it is expected to fail at startup) and returns its
+/// exit status and stderr.
+pub fn run_vublk_expecting_exit(
+    args: &[&str],
+    fds: &[(std::os::fd::RawFd, std::os::fd::RawFd)],
+    timeout: Duration,
+) -> Result<(ExitStatus, String)> {
+    let mut cmd = Command::new(vublk_bin());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    pass_fds(&mut cmd, fds);
+    let mut child = cmd.spawn().context("spawning vublk")?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let mut stderr = String::new();
+            if let Some(mut err) = child.stderr.take() {
+                std::io::Read::read_to_string(&mut err, &mut stderr)?;
+            }
+            return Ok((status, stderr));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("vublk {args:?} did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
