@@ -27,9 +27,10 @@ pub enum EngineError {
 /// The opcodes a queue ring may run. Everything else is refused by the kernel once the ring
 /// is enabled (IORING_REGISTER_RESTRICTIONS), so a bug cannot turn the ring into a way to
 /// open files or sockets.
-const ALLOWED_OPCODES: [u8; 5] = [
+const ALLOWED_OPCODES: [u8; 6] = [
     opcode::Readv::CODE,
     opcode::Writev::CODE,
+    opcode::Write::CODE,
     opcode::Fsync::CODE,
     opcode::Fallocate::CODE,
     opcode::Nop::CODE,
@@ -182,4 +183,64 @@ impl QueueRing {
 mod io_uring_sys_consts {
     /// `IORING_REGISTER_FILES_UPDATE` (include/uapi/linux/io_uring.h).
     pub const IORING_REGISTER_FILES_UPDATE: u8 = 6;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn wait_one(ring: &mut QueueRing) -> (u64, i32) {
+        ring.submit().unwrap();
+        ring.ring.submit_and_wait(1).unwrap();
+        let mut out = Vec::new();
+        ring.reap(&mut out);
+        out[0]
+    }
+
+    #[test]
+    fn fixed_file_read_is_allowed() {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(b"hello ring").unwrap();
+        let mut ring = QueueRing::new(0, 8, &[file.as_raw_fd()]).unwrap();
+        let mut buf = [0u8; 10];
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let entry = opcode::Readv::new(io_uring::types::Fixed(0), &iov, 1)
+            .build()
+            .flags(squeue::Flags::FIXED_FILE)
+            .user_data(7);
+        // SAFETY: `iov` and `buf` outlive the completion, which wait_one reaps.
+        unsafe { ring.push(entry) };
+        assert_eq!(wait_one(&mut ring), (7, 10));
+        assert_eq!(&buf, b"hello ring");
+    }
+
+    #[test]
+    fn opcodes_outside_the_allowlist_are_refused() {
+        let file = tempfile::tempfile().unwrap();
+        let mut ring = QueueRing::new(0, 8, &[file.as_raw_fd()]).unwrap();
+        let path = c"/etc/passwd";
+        let entry = opcode::OpenAt::new(io_uring::types::Fd(libc::AT_FDCWD), path.as_ptr())
+            .build()
+            .flags(squeue::Flags::FIXED_FILE)
+            .user_data(1);
+        // SAFETY: the path is a static C string.
+        unsafe { ring.push(entry) };
+        assert_eq!(wait_one(&mut ring), (1, -libc::EACCES));
+    }
+
+    #[test]
+    fn non_fixed_files_are_refused() {
+        let file = tempfile::tempfile().unwrap();
+        let mut ring = QueueRing::new(0, 8, &[file.as_raw_fd()]).unwrap();
+        let entry = opcode::Fsync::new(io_uring::types::Fd(file.as_raw_fd()))
+            .build()
+            .user_data(2);
+        // SAFETY: fsync passes no buffers.
+        unsafe { ring.push(entry) };
+        assert_eq!(wait_one(&mut ring), (2, -libc::EACCES));
+    }
 }
