@@ -287,6 +287,7 @@ impl Worker {
             let mut state = self.shared.vring.get_mut();
             let queue = state.get_queue_mut();
             event_idx = queue.event_idx_enabled();
+            let max_chain = usize::from(queue.size());
             loop {
                 if event_idx {
                     let _ = queue.disable_notification(mem.as_ref());
@@ -298,6 +299,13 @@ impl Worker {
                             let mut descs = Vec::new();
                             let mut last_has_next = false;
                             for d in chain {
+                                // "A driver MUST NOT create a descriptor chain longer than
+                                // the Queue Size of the device" (2.7.5.3.1), indirect
+                                // tables included: a longer one is malformed.
+                                if descs.len() == max_chain {
+                                    last_has_next = true;
+                                    break;
+                                }
                                 descs.push(Descriptor {
                                     addr: d.addr(),
                                     len: d.len(),
