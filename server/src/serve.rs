@@ -75,7 +75,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
 
 /// Fails at startup, with a message that says why, when io_uring cannot be used here.
 fn io_uring_probe() -> Result<()> {
-    crate::engine::QueueRing::new(0, 4, &[])
+    crate::engine::QueueRing::new(0, 4, &[], 0)
         .map(drop)
         .context("vublk needs io_uring")
 }

@@ -2,10 +2,9 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 
 use io_uring::{opcode, register::Restriction, squeue, IoUring};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Why a ring could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -26,28 +25,39 @@ pub enum EngineError {
 
 /// The opcodes a queue ring may run. Everything else is refused by the kernel once the ring
 /// is enabled (IORING_REGISTER_RESTRICTIONS), so a bug cannot turn the ring into a way to
-/// open files or sockets.
-const ALLOWED_OPCODES: [u8; 6] = [
+/// open files or sockets. READ also serves the worker's kick and wake eventfds.
+const ALLOWED_OPCODES: [u8; 8] = [
     opcode::Readv::CODE,
     opcode::Writev::CODE,
+    opcode::Read::CODE,
     opcode::Write::CODE,
     opcode::Fsync::CODE,
     opcode::Fallocate::CODE,
+    opcode::AsyncCancel::CODE,
     opcode::Nop::CODE,
 ];
 
-/// A queue's ring with its completion eventfd and submission backlog.
+/// A queue's ring: the one place its worker waits, for completions of disk I/O and of reads
+/// on its kick and wake eventfds alike.
 pub struct QueueRing {
     ring: IoUring,
-    completion_evt: EventFd,
     /// Entries that did not fit in the submission queue; pushed first on the next submit.
     backlog: VecDeque<squeue::Entry>,
+    /// Slots of the fixed-file table: `files.len()` image files, then the extra slots.
+    slots: u32,
 }
 
 impl QueueRing {
-    /// Creates a ring of `entries` SQEs for `queue`, registers `files` as fixed files 0..n and
-    /// the completion eventfd, restricts it to [`ALLOWED_OPCODES`] on fixed files, and enables it.
-    pub fn new(queue: u16, entries: u32, files: &[RawFd]) -> Result<QueueRing, EngineError> {
+    /// Creates a ring of `entries` SQEs for `queue`, registers `files` as fixed files
+    /// `0..files.len()` followed by `extra_slots` empty slots (for eventfds the worker
+    /// installs with [`set_file`](Self::set_file)), restricts it to [`ALLOWED_OPCODES`] on
+    /// fixed files, and enables it. Must be called on the thread that will submit.
+    pub fn new(
+        queue: u16,
+        entries: u32,
+        files: &[RawFd],
+        extra_slots: u32,
+    ) -> Result<QueueRing, EngineError> {
         let step = |step| {
             move |source| EngineError::Setup {
                 queue,
@@ -55,28 +65,13 @@ impl QueueRing {
                 source,
             }
         };
-        let mut builder = IoUring::builder();
-        builder
-            .setup_r_disabled()
-            .setup_coop_taskrun()
-            .setup_single_issuer();
-        let ring = match builder.build(entries) {
-            Ok(ring) => ring,
-            // Older kernels lack COOP_TASKRUN/SINGLE_ISSUER: retry with only R_DISABLED.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::builder()
-                .setup_r_disabled()
-                .build(entries)
-                .map_err(|source| EngineError::Unavailable { source })?,
-            Err(source) => return Err(EngineError::Unavailable { source }),
-        };
-        let completion_evt = EventFd::new(EFD_NONBLOCK).map_err(step("eventfd"))?;
+        let ring = build_ring(entries)?;
         let submitter = ring.submitter();
-        submitter
-            .register_eventfd(completion_evt.as_raw_fd())
-            .map_err(step("register eventfd"))?;
-        if !files.is_empty() {
+        let mut table: Vec<RawFd> = files.to_vec();
+        table.extend(std::iter::repeat_n(-1, extra_slots as usize));
+        if !table.is_empty() {
             submitter
-                .register_files(files)
+                .register_files(&table)
                 .map_err(step("register files"))?;
         }
         let mut restrictions: Vec<Restriction> = ALLOWED_OPCODES
@@ -100,20 +95,20 @@ impl QueueRing {
             .map_err(step("enable ring"))?;
         Ok(QueueRing {
             ring,
-            completion_evt,
             backlog: VecDeque::new(),
+            slots: u32::try_from(table.len()).unwrap_or(u32::MAX),
         })
     }
 
-    /// The eventfd the kernel signals when completions are posted.
-    pub fn completion_fd(&self) -> RawFd {
-        self.completion_evt.as_raw_fd()
-    }
-
-    /// Clears the completion eventfd before reaping.
-    pub fn ack_completion_event(&self) {
-        // EAGAIN (no event pending) is the normal case when reaping eagerly.
-        let _ = self.completion_evt.read();
+    /// Installs `fd` (or clears the slot with `None`) in fixed-file slot `slot`.
+    pub fn set_file(&self, slot: u32, fd: Option<RawFd>) -> io::Result<()> {
+        if slot >= self.slots {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        self.ring
+            .submitter()
+            .register_files_update(slot, &[fd.unwrap_or(-1)])
+            .map(drop)
     }
 
     /// Queues an entry for the next [`submit`](Self::submit).
@@ -135,41 +130,39 @@ impl QueueRing {
         }
     }
 
-    /// Moves backlog into the SQ and submits everything queued. A busy kernel (EBUSY/EAGAIN)
-    /// leaves entries queued for the next call; nothing is dropped.
-    pub fn submit(&mut self) -> io::Result<()> {
-        loop {
-            {
-                let mut sq = self.ring.submission();
-                while let Some(entry) = self.backlog.front() {
-                    // SAFETY: entries in the backlog were pushed under `push`'s contract.
-                    if unsafe { sq.push(entry) }.is_err() {
-                        break;
-                    }
-                    self.backlog.pop_front();
-                }
+    fn fill_from_backlog(&mut self) {
+        let mut sq = self.ring.submission();
+        while let Some(entry) = self.backlog.front() {
+            // SAFETY: entries in the backlog were pushed under `push`'s contract.
+            if unsafe { sq.push(entry) }.is_err() {
+                break;
             }
-            match self.ring.submit() {
-                Ok(_) => {}
-                Err(e)
-                    if e.raw_os_error() == Some(libc::EBUSY)
-                        || e.raw_os_error() == Some(libc::EAGAIN)
-                        || e.raw_os_error() == Some(libc::EINTR) =>
-                {
-                    // Completions must be reaped first; the caller will reap and resubmit.
-                    return Ok(());
-                }
-                Err(e) => return Err(e),
-            }
-            if self.backlog.is_empty() || self.ring.submission().is_full() {
-                return Ok(());
-            }
+            self.backlog.pop_front();
         }
     }
 
-    /// Whether entries wait in the backlog.
-    pub fn has_backlog(&self) -> bool {
-        !self.backlog.is_empty()
+    /// Submits everything queued and, if `wait`, blocks until at least one completion is
+    /// posted. A busy kernel (EBUSY/EAGAIN) or a signal (EINTR) leaves entries queued for the
+    /// next call; nothing is dropped.
+    pub fn submit(&mut self, wait: bool) -> io::Result<()> {
+        self.fill_from_backlog();
+        let result = if wait {
+            self.ring.submit_and_wait(1)
+        } else {
+            self.ring.submit()
+        };
+        match result {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EBUSY) | Some(libc::EAGAIN) | Some(libc::EINTR)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Takes every posted completion as `(user_data, result)`.
@@ -177,6 +170,31 @@ impl QueueRing {
         let cq = self.ring.completion();
         out.extend(cq.map(|cqe| (cqe.user_data(), cqe.result())));
     }
+}
+
+/// Builds a disabled ring with the cheapest task-run mode the kernel has: DEFER_TASKRUN runs
+/// completion work only when the worker waits (batching it), which is possible because the
+/// worker waits nowhere else.
+fn build_ring(entries: u32) -> Result<IoUring, EngineError> {
+    let attempts: [fn(&mut io_uring::Builder) -> &mut io_uring::Builder; 3] = [
+        |b| b.setup_single_issuer().setup_defer_taskrun(),
+        |b| b.setup_coop_taskrun(),
+        |b| b,
+    ];
+    let mut last = None;
+    for attempt in attempts {
+        let mut builder = IoUring::builder();
+        builder.setup_r_disabled();
+        attempt(&mut builder);
+        match builder.build(entries) {
+            Ok(ring) => return Ok(ring),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => last = Some(e),
+            Err(source) => return Err(EngineError::Unavailable { source }),
+        }
+    }
+    Err(EngineError::Unavailable {
+        source: last.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EINVAL)),
+    })
 }
 
 /// Register opcodes the io-uring crate does not name.
@@ -189,10 +207,10 @@ mod io_uring_sys_consts {
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::os::fd::AsRawFd;
 
     fn wait_one(ring: &mut QueueRing) -> (u64, i32) {
-        ring.submit().unwrap();
-        ring.ring.submit_and_wait(1).unwrap();
+        ring.submit(true).unwrap();
         let mut out = Vec::new();
         ring.reap(&mut out);
         out[0]
@@ -202,7 +220,7 @@ mod tests {
     fn fixed_file_read_is_allowed() {
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(b"hello ring").unwrap();
-        let mut ring = QueueRing::new(0, 8, &[file.as_raw_fd()]).unwrap();
+        let mut ring = QueueRing::new(0, 8, &[file.as_raw_fd()], 1).unwrap();
         let mut buf = [0u8; 10];
         let iov = libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
@@ -221,7 +239,7 @@ mod tests {
     #[test]
     fn opcodes_outside_the_allowlist_are_refused() {
         let file = tempfile::tempfile().unwrap();
-        let mut ring = QueueRing::new(0, 8, &[file.as_raw_fd()]).unwrap();
+        let mut ring = QueueRing::new(0, 8, &[file.as_raw_fd()], 1).unwrap();
         let path = c"/etc/passwd";
         let entry = opcode::OpenAt::new(io_uring::types::Fd(libc::AT_FDCWD), path.as_ptr())
             .build()
@@ -235,12 +253,45 @@ mod tests {
     #[test]
     fn non_fixed_files_are_refused() {
         let file = tempfile::tempfile().unwrap();
-        let mut ring = QueueRing::new(0, 8, &[file.as_raw_fd()]).unwrap();
+        let mut ring = QueueRing::new(0, 8, &[file.as_raw_fd()], 1).unwrap();
         let entry = opcode::Fsync::new(io_uring::types::Fd(file.as_raw_fd()))
             .build()
             .user_data(2);
         // SAFETY: fsync passes no buffers.
         unsafe { ring.push(entry) };
         assert_eq!(wait_one(&mut ring), (2, -libc::EACCES));
+    }
+}
+
+#[cfg(test)]
+mod slot_tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use vmm_sys_util::eventfd::EventFd;
+
+    #[test]
+    fn an_eventfd_installed_in_an_extra_slot_can_be_read() {
+        let evt = EventFd::new(0).unwrap();
+        let mut ring = QueueRing::new(0, 8, &[], 1).unwrap();
+        ring.set_file(0, Some(evt.as_raw_fd())).unwrap();
+        let mut value = 0u64;
+        let entry = opcode::Read::new(
+            io_uring::types::Fixed(0),
+            (&mut value as *mut u64).cast(),
+            8,
+        )
+        .build()
+        .flags(squeue::Flags::FIXED_FILE)
+        .user_data(3);
+        // SAFETY: `value` outlives the completion, which is reaped below.
+        unsafe { ring.push(entry) };
+        ring.submit(false).unwrap();
+        evt.write(5).unwrap();
+        ring.submit(true).unwrap();
+        let mut out = Vec::new();
+        ring.reap(&mut out);
+        assert_eq!(out, vec![(3, 8)]);
+        assert_eq!(value, 5);
+        assert!(ring.set_file(1, None).is_err());
     }
 }

@@ -8,12 +8,11 @@
 mod ops;
 mod segments;
 
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use io_uring::{opcode, squeue, types};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use vhost_user_backend::{VringMutex, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -35,6 +34,16 @@ const OP_INDEX_BITS: u32 = 16;
 const ZERO_BUFFER_LEN: usize = 1 << 20;
 /// O_DIRECT memory alignment vublk assumes for guest buffers.
 const DIRECT_ALIGN: usize = 512;
+/// `user_data` tags of the worker's own reads, above any `slot << OP_INDEX_BITS | op`.
+const TAG_MASK: u64 = 0xff00_0000_0000_0000;
+const TAG_WAKE: u64 = 0xf100_0000_0000_0000;
+const TAG_KICK: u64 = 0xf200_0000_0000_0000;
+const TAG_CANCEL: u64 = 0xf300_0000_0000_0000;
+/// Fixed-file slots after the image files: the wake eventfd, then the kick eventfd.
+const EXTRA_SLOTS: u32 = 2;
+/// With at least this many requests in flight, the worker looks at the avail ring after each
+/// batch of completions instead of asking the driver to kick.
+const POLL_AVAIL_MIN_IN_FLIGHT: usize = 4;
 
 /// What the handler asks of a worker.
 #[derive(Debug, Default)]
@@ -111,11 +120,24 @@ pub fn spawn(
             // The ring is created on the thread that submits to it: with SINGLE_ISSUER the
             // kernel binds it to the task that enables it. Each request has at most one op
             // per piece; twice the queue size leaves room, and the backlog absorbs the rest.
-            let ring = match QueueRing::new(
+            let files = disk.raw_fds();
+            let wake_slot = u32::try_from(files.len()).unwrap_or(u32::MAX);
+            let setup = QueueRing::new(
                 queue,
-                (queue_size * 2).next_power_of_two(),
-                &disk.raw_fds(),
-            ) {
+                (queue_size * 2 + 4).next_power_of_two(),
+                &files,
+                EXTRA_SLOTS,
+            )
+            .and_then(|ring| {
+                ring.set_file(wake_slot, Some(shared.wake.as_raw_fd()))
+                    .map_err(|source| EngineError::Setup {
+                        queue,
+                        step: "install the wake eventfd",
+                        source,
+                    })?;
+                Ok(ring)
+            });
+            let ring = match setup {
                 Ok(ring) => {
                     let _ = ready_tx.send(Ok(()));
                     ring
@@ -130,6 +152,15 @@ pub fn spawn(
                 disk,
                 mem,
                 ring,
+                wake_slot,
+                kick_slot: wake_slot + 1,
+                kick_armed: None,
+                kick_generation: 0,
+                kicked: false,
+                avail_polling: false,
+                was_runnable: false,
+                wake_value: Box::new(0),
+                kick_value: Box::new(0),
                 slots: Vec::new(),
                 free: Vec::new(),
                 in_flight: 0,
@@ -168,6 +199,20 @@ struct Worker {
     disk: Arc<Disk>,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     ring: QueueRing,
+    wake_slot: u32,
+    kick_slot: u32,
+    /// The kick fd installed in `kick_slot` with a read armed on it.
+    kick_armed: Option<RawFd>,
+    /// Tells the armed kick read apart from cancelled ones.
+    kick_generation: u64,
+    /// A kick arrived and the avail ring has not been looked at since.
+    kicked: bool,
+    /// Kicks are suppressed: look at the avail ring after completions.
+    avail_polling: bool,
+    was_runnable: bool,
+    /// Buffers the kernel writes the eventfd counters into; boxed so they never move.
+    wake_value: Box<u64>,
+    kick_value: Box<u64>,
     /// In-flight table: `user_data >> OP_INDEX_BITS` indexes it.
     slots: Vec<Option<InFlight>>,
     free: Vec<usize>,
@@ -185,6 +230,7 @@ impl Worker {
     fn run(&mut self) {
         let q = self.shared.index;
         log::debug!("queue {q}: worker started");
+        self.arm_wake();
         loop {
             let (stop_requested, stopped, exit) = {
                 let c = self
@@ -209,14 +255,21 @@ impl Worker {
                 }
             }
             let runnable = !stopping && self.runnable();
-            if runnable {
+            // Look at the avail ring after a kick, and once when the queue (re)starts: the
+            // driver may have queued requests before its kick fd was installed.
+            if runnable && (self.kicked || self.avail_polling || !self.was_runnable) {
+                self.kicked = false;
                 self.process_avail();
             }
-            self.submit_and_reap();
+            self.was_runnable = runnable;
+            self.sync_kick();
             self.notify_guest();
-            // The ring submitted what it could; wait for a kick, a completion or control.
-            let kick = if runnable { self.kick_fd() } else { None };
-            self.wait(kick);
+            // The one place the worker waits: completions, kicks and wakes all arrive as CQEs.
+            if let Err(e) = self.ring.submit(true) {
+                log::error!("queue {q}: io_uring submit failed: {e}");
+            }
+            self.reap();
+            self.notify_guest();
         }
         log::debug!("queue {q}: worker exited");
     }
@@ -239,127 +292,190 @@ impl Worker {
             .map(|k| k.as_raw_fd())
     }
 
-    fn wait(&mut self, kick: Option<RawFd>) {
-        let wake_fd = self.shared.wake.as_raw_fd();
-        let ring_fd = self.ring.completion_fd();
-        // The wake eventfd and the ring's eventfd are owned by `self` and outlive this call.
-        // The kick fd is owned by the vring; the handler replaces it only after poking `wake`,
-        // so at worst poll sees a stale fd and returns early. poll reads no memory through
-        // any of them.
-        let borrow = |fd: RawFd| {
-            // SAFETY: see above: each fd stays open (or is merely stale) during the poll.
-            unsafe { BorrowedFd::borrow_raw(fd) }
-        };
-        let mut fds = Vec::with_capacity(3);
-        fds.push(PollFd::new(borrow(wake_fd), PollFlags::POLLIN));
-        fds.push(PollFd::new(borrow(ring_fd), PollFlags::POLLIN));
-        if let Some(kick) = kick {
-            fds.push(PollFd::new(borrow(kick), PollFlags::POLLIN));
+    fn arm_wake(&mut self) {
+        let buf: *mut u64 = &mut *self.wake_value;
+        let entry = opcode::Read::new(types::Fixed(self.wake_slot), buf.cast(), 8)
+            .build()
+            .flags(squeue::Flags::FIXED_FILE)
+            .user_data(TAG_WAKE);
+        // SAFETY: `wake_value` is boxed, owned by the worker and outlives the ring.
+        unsafe { self.ring.push(entry) };
+    }
+
+    fn arm_kick(&mut self) {
+        let buf: *mut u64 = &mut *self.kick_value;
+        let entry = opcode::Read::new(types::Fixed(self.kick_slot), buf.cast(), 8)
+            .build()
+            .flags(squeue::Flags::FIXED_FILE)
+            .user_data(TAG_KICK | self.kick_generation);
+        // SAFETY: `kick_value` is boxed, owned by the worker and outlives the ring.
+        unsafe { self.ring.push(entry) };
+    }
+
+    /// Keeps a read armed on the vring's current kick fd: when the handler installed a new
+    /// one (or removed it), the old read is cancelled and the slot updated.
+    fn sync_kick(&mut self) {
+        let want = self.kick_fd();
+        if want == self.kick_armed {
+            return;
         }
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) | Err(nix::Error::EINTR) => {}
-            Err(e) => log::error!("queue {}: poll failed: {e}", self.shared.index),
+        if self.kick_armed.is_some() {
+            let entry = opcode::AsyncCancel::new(TAG_KICK | self.kick_generation)
+                .build()
+                .flags(squeue::Flags::FIXED_FILE)
+                .user_data(TAG_CANCEL);
+            // SAFETY: a cancel request points at no buffer.
+            unsafe { self.ring.push(entry) };
+            // Cancel before the slot changes, so the old read is found and ended.
+            if let Err(e) = self.ring.submit(false) {
+                log::error!(
+                    "queue {}: cannot cancel the old kick read: {e}",
+                    self.shared.index
+                );
+            }
         }
-        let kicked = fds
-            .get(2)
-            .and_then(|f| f.revents())
-            .is_some_and(|r| r.contains(PollFlags::POLLIN));
-        let woken = fds[0]
-            .revents()
-            .is_some_and(|r| r.contains(PollFlags::POLLIN));
-        drop(fds);
-        if woken {
-            let _ = self.shared.wake.read();
+        self.kick_generation = (self.kick_generation + 1) & !TAG_MASK;
+        if let Err(e) = self.ring.set_file(self.kick_slot, want) {
+            log::error!(
+                "queue {}: cannot install the kick fd: {e}",
+                self.shared.index
+            );
+            self.kick_armed = None;
+            return;
         }
-        if kicked {
-            // Clears the kick; EAGAIN just means another reader took it.
-            let _ = self.shared.vring.read_kick();
+        self.kick_armed = want;
+        if want.is_some() {
+            self.arm_kick();
         }
     }
 
-    /// Pops every available chain and starts it.
-    fn process_avail(&mut self) {
-        let guard = self.mem.memory();
-        let mem: Arc<GuestMemoryMmap> = guard.into_inner();
-        let event_idx;
-        let mut chains: Vec<(u16, Vec<Descriptor>, bool)> = Vec::new();
-        {
-            let mut state = self.shared.vring.get_mut();
-            let queue = state.get_queue_mut();
-            event_idx = queue.event_idx_enabled();
-            let max_chain = usize::from(queue.size());
-            loop {
-                if event_idx {
-                    let _ = queue.disable_notification(mem.as_ref());
+    /// Handles every posted completion.
+    fn reap(&mut self) {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.clear();
+        self.ring.reap(&mut cqes);
+        for &(user_data, res) in &cqes {
+            match user_data & TAG_MASK {
+                TAG_WAKE => {
+                    if res < 0 && res != -libc::EAGAIN && res != -libc::EINTR {
+                        log::error!("queue {}: wake read failed: {res}", self.shared.index);
+                    }
+                    self.arm_wake();
                 }
-                match queue.iter(mem.as_ref()) {
-                    Ok(iter) => {
-                        for chain in iter {
-                            let head = chain.head_index();
-                            let mut descs = Vec::new();
-                            let mut last_has_next = false;
-                            for d in chain {
-                                // "A driver MUST NOT create a descriptor chain longer than
-                                // the Queue Size of the device" (2.7.5.3.1), indirect
-                                // tables included: a longer one is malformed.
-                                if descs.len() == max_chain {
-                                    last_has_next = true;
-                                    break;
-                                }
-                                descs.push(Descriptor {
-                                    addr: d.addr(),
-                                    len: d.len(),
-                                    writable: d.is_write_only(),
-                                });
-                                last_has_next = d.has_next();
-                            }
-                            chains.push((head, descs, last_has_next));
+                TAG_KICK => {
+                    let current = user_data == TAG_KICK | self.kick_generation;
+                    if current && self.kick_armed.is_some() {
+                        self.kicked = true;
+                        if res < 0 && res != -libc::EAGAIN && res != -libc::EINTR {
+                            log::error!("queue {}: kick read failed: {res}", self.shared.index);
+                        } else {
+                            self.arm_kick();
                         }
                     }
-                    Err(e) => {
-                        log::error!(
-                            "queue {}: avail ring is corrupt ({e}); queue stopped until the driver resets it",
-                            self.shared.index
-                        );
-                        self.broken = true;
-                        break;
-                    }
                 }
-                if !event_idx {
-                    break;
-                }
-                match queue.enable_notification(mem.as_ref()) {
-                    Ok(true) => continue,
-                    Ok(false) => break,
-                    Err(e) => {
-                        log::error!(
-                            "queue {}: cannot enable notifications: {e}",
-                            self.shared.index
+                TAG_CANCEL => {}
+                _ => self.on_completion(user_data, res),
+            }
+        }
+        self.cqes = cqes;
+    }
+
+    /// Pops every available chain and starts it, then decides how the next ones are noticed:
+    /// by a kick, or (while enough requests are in flight that a completion will come soon)
+    /// by looking again after the next completions, with kicks suppressed. Suppressing kicks
+    /// while busy saves the driver a notification per request.
+    fn process_avail(&mut self) {
+        let mem: Arc<GuestMemoryMmap> = self.mem.memory().into_inner();
+        let geo = self.disk.geometry();
+        loop {
+            let Some(chains) = self.pop_chains(&mem) else {
+                return;
+            };
+            for (head, descs, truncated) in chains {
+                match request::parse(&descs, truncated, mem.as_ref(), &geo) {
+                    Ok(req) => self.start(head, req, &mem),
+                    Err(rejection) => {
+                        log::debug!(
+                            "queue {}: request {head} rejected: {}",
+                            self.shared.index,
+                            rejection.reason
                         );
-                        break;
+                        match rejection.outcome() {
+                            Outcome::Status(status) => {
+                                if let Some(addr) = rejection.status {
+                                    self.complete_now(head, addr, status, 0, &mem);
+                                }
+                            }
+                            Outcome::NoStatus => self.add_used(head, 0),
+                        }
                     }
                 }
             }
-        }
-        let geo = self.disk.geometry();
-        for (head, descs, truncated) in chains {
-            match request::parse(&descs, truncated, mem.as_ref(), &geo) {
-                Ok(req) => self.start(head, req, &mem),
-                Err(rejection) => {
-                    log::debug!(
-                        "queue {}: request {head} rejected: {}",
-                        self.shared.index,
-                        rejection.reason
+            if self.in_flight >= POLL_AVAIL_MIN_IN_FLIGHT {
+                self.avail_polling = true;
+                return;
+            }
+            self.avail_polling = false;
+            let more = self
+                .shared
+                .vring
+                .get_mut()
+                .get_queue_mut()
+                .enable_notification(mem.as_ref());
+            match more {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(e) => {
+                    log::error!(
+                        "queue {}: cannot enable notifications: {e}",
+                        self.shared.index
                     );
-                    match rejection.outcome() {
-                        Outcome::Status(status) => {
-                            if let Some(addr) = rejection.status {
-                                self.complete_now(head, addr, status, 0, &mem);
-                            }
-                        }
-                        Outcome::NoStatus => self.add_used(head, 0),
-                    }
+                    return;
                 }
+            }
+        }
+    }
+
+    /// Takes every available chain off the ring with notifications disabled. `None` when the
+    /// avail ring is corrupt (the queue is then stopped until the driver sets it up again).
+    fn pop_chains(&mut self, mem: &GuestMemoryMmap) -> Option<Vec<(u16, Vec<Descriptor>, bool)>> {
+        let mut chains = Vec::new();
+        let mut state = self.shared.vring.get_mut();
+        let queue = state.get_queue_mut();
+        let max_chain = usize::from(queue.size());
+        let _ = queue.disable_notification(mem);
+        match queue.iter(mem) {
+            Ok(iter) => {
+                for chain in iter {
+                    let head = chain.head_index();
+                    let mut descs = Vec::new();
+                    let mut last_has_next = false;
+                    for d in chain {
+                        // "A driver MUST NOT create a descriptor chain longer than the Queue
+                        // Size of the device" (2.7.5.3.1), indirect tables included: a
+                        // longer one is malformed.
+                        if descs.len() == max_chain {
+                            last_has_next = true;
+                            break;
+                        }
+                        descs.push(Descriptor {
+                            addr: d.addr(),
+                            len: d.len(),
+                            writable: d.is_write_only(),
+                        });
+                        last_has_next = d.has_next();
+                    }
+                    chains.push((head, descs, last_has_next));
+                }
+                Some(chains)
+            }
+            Err(e) => {
+                log::error!(
+                    "queue {}: avail ring is corrupt ({e}); queue stopped until the driver resets it",
+                    self.shared.index
+                );
+                self.broken = true;
+                None
             }
         }
     }
@@ -628,30 +744,6 @@ impl Worker {
         self.zero_buffer
             .as_ref()
             .map_or(std::ptr::null(), |b| b.as_mut_ptr().cast_const())
-    }
-
-    fn submit_and_reap(&mut self) {
-        loop {
-            if let Err(e) = self.ring.submit() {
-                log::error!("queue {}: io_uring submit failed: {e}", self.shared.index);
-            }
-            self.ring.ack_completion_event();
-            let mut cqes = std::mem::take(&mut self.cqes);
-            cqes.clear();
-            self.ring.reap(&mut cqes);
-            let reaped = !cqes.is_empty();
-            for &(user_data, res) in &cqes {
-                self.on_completion(user_data, res);
-            }
-            self.cqes = cqes;
-            if !reaped && !self.ring.has_backlog() {
-                return;
-            }
-            if !reaped {
-                // Backlog waits for completions; the completion eventfd will wake us.
-                return;
-            }
-        }
     }
 
     fn on_completion(&mut self, user_data: u64, res: i32) {
