@@ -2,6 +2,11 @@
 //! naming the fd, odd-but-valid fds (O_NONBLOCK, O_RDONLY with --read-only) are served, and a
 //! process where io_uring is forbidden fails with an error that says so.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers unwrap: a failure is the test failing"
+)]
+
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
@@ -29,10 +34,22 @@ fn startup_error(dir: &tempfile::TempDir, fd: i32, extra: &[&str]) -> String {
     let sock = dir.path().join("vu.sock");
     let sock = sock.to_str().unwrap();
     let image = format!("fd:{IMAGE_FD}");
-    let mut args = vec!["serve", "--image", &image, "--format", "raw", "--socket-path", sock];
+    let mut args = vec![
+        "serve",
+        "--image",
+        &image,
+        "--format",
+        "raw",
+        "--socket-path",
+        sock,
+    ];
     args.extend_from_slice(extra);
-    let (status, stderr) = run_vublk_expecting_exit(&args, &[(fd, IMAGE_FD)], EXIT_TIMEOUT).unwrap();
-    assert!(!status.success(), "vublk should refuse to start; stderr: {stderr}");
+    let (status, stderr) =
+        run_vublk_expecting_exit(&args, &[(fd, IMAGE_FD)], EXIT_TIMEOUT).unwrap();
+    assert!(
+        !status.success(),
+        "vublk should refuse to start; stderr: {stderr}"
+    );
     stderr
 }
 
@@ -41,7 +58,15 @@ fn closed_image_fd_is_named_in_the_error() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("vu.sock");
     let (status, stderr) = run_vublk_expecting_exit(
-        &["serve", "--image", "fd:57", "--format", "raw", "--socket-path", sock.to_str().unwrap()],
+        &[
+            "serve",
+            "--image",
+            "fd:57",
+            "--format",
+            "raw",
+            "--socket-path",
+            sock.to_str().unwrap(),
+        ],
         &[],
         EXIT_TIMEOUT,
     )
@@ -72,13 +97,20 @@ fn read_only_fd_for_a_writable_disk_is_refused() {
     let f = File::open(image(&dir)).unwrap();
     let err = startup_error(&dir, f.as_raw_fd(), &[]);
     assert!(err.contains("fd 10 is opened O_RDONLY"), "stderr: {err}");
-    assert!(err.contains("--read-only"), "the error should say how to fix it: {err}");
+    assert!(
+        err.contains("--read-only"),
+        "the error should say how to fix it: {err}"
+    );
 }
 
 #[test]
 fn append_fd_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let f = OpenOptions::new().read(true).append(true).open(image(&dir)).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .open(image(&dir))
+        .unwrap();
     let err = startup_error(&dir, f.as_raw_fd(), &[]);
     assert!(err.contains("fd 10 has O_APPEND"), "stderr: {err}");
 }
@@ -86,7 +118,11 @@ fn append_fd_is_refused() {
 #[test]
 fn cache_none_on_fd_without_o_direct_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let f = OpenOptions::new().read(true).write(true).open(image(&dir)).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image(&dir))
+        .unwrap();
     let err = startup_error(&dir, f.as_raw_fd(), &["--cache", "none"]);
     assert!(err.contains("fd 10 lacks O_DIRECT"), "stderr: {err}");
 }
@@ -94,26 +130,49 @@ fn cache_none_on_fd_without_o_direct_is_refused() {
 #[test]
 fn regular_file_as_vhost_user_fd_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let f = OpenOptions::new().read(true).write(true).open(image(&dir)).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image(&dir))
+        .unwrap();
     let img = image(&dir);
     let (status, stderr) = run_vublk_expecting_exit(
-        &["serve", "--image", img.to_str().unwrap(), "--format", "raw", "--fd", "11"],
+        &[
+            "serve",
+            "--image",
+            img.to_str().unwrap(),
+            "--format",
+            "raw",
+            "--fd",
+            "11",
+        ],
         &[(f.as_raw_fd(), 11)],
         EXIT_TIMEOUT,
     )
     .unwrap();
     assert!(!status.success());
-    assert!(stderr.contains("--fd 11") && stderr.contains("unix socket"), "stderr: {stderr}");
+    assert!(
+        stderr.contains("--fd 11") && stderr.contains("unix socket"),
+        "stderr: {stderr}"
+    );
 }
 
 /// Starts vublk on `fd` passed as the image and returns the daemon.
 fn serve_fd(dir: &tempfile::TempDir, fd: i32, extra: &[&str]) -> Daemon {
     let sock = dir.path().join("vu.sock");
     let mut cmd = Command::new(vublk_bin());
-    cmd.args(["serve", "--image", &format!("fd:{IMAGE_FD}"), "--format", "raw", "--num-queues", "1"])
-        .arg("--socket-path")
-        .arg(&sock)
-        .args(extra);
+    cmd.args([
+        "serve",
+        "--image",
+        &format!("fd:{IMAGE_FD}"),
+        "--format",
+        "raw",
+        "--num-queues",
+        "1",
+    ])
+    .arg("--socket-path")
+    .arg(&sock)
+    .args(extra);
     pass_fds(&mut cmd, &[(fd, IMAGE_FD)]);
     Daemon::spawn(BackendKind::Vublk, &mut cmd, &sock).unwrap()
 }
@@ -194,12 +253,13 @@ fn io_uring_forbidden_by_seccomp_fails_with_a_clear_error() {
     // SAFETY: the closure only installs a prebuilt BPF program (prctl and seccomp syscalls),
     // allocating nothing between fork and exec.
     unsafe {
-        cmd.pre_exec(move || {
-            seccompiler::apply_filter(&program).map_err(std::io::Error::other)
-        });
+        cmd.pre_exec(move || seccompiler::apply_filter(&program).map_err(std::io::Error::other));
     }
     let out = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("io_uring is unavailable"), "stderr: {stderr}");
+    assert!(
+        stderr.contains("io_uring is unavailable"),
+        "stderr: {stderr}"
+    );
 }
