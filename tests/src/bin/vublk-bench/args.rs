@@ -162,7 +162,11 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed> {
     if reps == 0 || reps > MAX_REPS {
         bail!("--reps must be between 1 and {MAX_REPS}, got {reps}");
     }
-    let seconds = seconds.unwrap_or(if quick { QUICK_SECONDS } else { DEFAULT_SECONDS });
+    let seconds = seconds.unwrap_or(if quick {
+        QUICK_SECONDS
+    } else {
+        DEFAULT_SECONDS
+    });
     if !(0.1..=MAX_SECONDS).contains(&seconds) {
         bail!("--seconds must be between 0.1 and {MAX_SECONDS}, got {seconds}");
     }

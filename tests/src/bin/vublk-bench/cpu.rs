@@ -38,10 +38,6 @@ impl CpuClock {
         })
     }
 
-    pub fn ticks_per_second(&self) -> u64 {
-        self.ticks_per_second
-    }
-
     pub fn read(&self) -> Result<CpuTicks> {
         let path = format!("/proc/{}/stat", self.pid);
         let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;

@@ -77,10 +77,6 @@ impl Latencies {
         self.sum_ns += u128::from(ns);
     }
 
-    pub fn count(&self) -> usize {
-        self.ns.len()
-    }
-
     /// Mean in microseconds; 0 when empty.
     pub fn mean_us(&self) -> f64 {
         if self.ns.is_empty() {

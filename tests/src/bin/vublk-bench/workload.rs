@@ -43,7 +43,13 @@ impl Workload {
         Workload::new("randwrite-4k-qd1", Op::Write, Pattern::Random, 4 * KIB, 1),
         Workload::new("randwrite-4k-qd32", Op::Write, Pattern::Random, 4 * KIB, 32),
         Workload::new("read-128k-qd8", Op::Read, Pattern::Sequential, 128 * KIB, 8),
-        Workload::new("write-128k-qd8", Op::Write, Pattern::Sequential, 128 * KIB, 8),
+        Workload::new(
+            "write-128k-qd8",
+            Op::Write,
+            Pattern::Sequential,
+            128 * KIB,
+            8,
+        ),
     ];
 
     const fn new(
@@ -68,7 +74,10 @@ impl Workload {
             .find(|w| w.name == s)
             .with_context(|| {
                 let names: Vec<&str> = Workload::ALL.iter().map(|w| w.name).collect();
-                format!("unknown workload {s:?} (expected one of {})", names.join(", "))
+                format!(
+                    "unknown workload {s:?} (expected one of {})",
+                    names.join(", ")
+                )
             })
     }
 
@@ -84,11 +93,9 @@ impl Workload {
 
     /// A deterministic seed per workload, so every backend sees the same offset sequence.
     fn seed(&self) -> u64 {
-        self.name
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-            })
+        self.name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
     }
 }
 
