@@ -36,7 +36,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vmm_sys_util::eventfd::EventFd;
-use vublk_tests::daemon::{connect_with_timeout, BackendKind, Daemon, DiskOptions};
+use vublk_tests::daemon::{connect_with_timeout, vublk_bin, BackendKind, Daemon, DiskOptions};
 use vublk_tests::vring::{
     discard_segment, write_desc_at, BlkConfig, Desc, GuestMemory, Segment, SplitQueue, UsedElem,
     BLK_CONFIG_LEN, BLK_HEADER_LEN, BLK_ID_BYTES, DISCARD_SEGMENT_LEN, SECTOR_SIZE, STATUS_CANARY,
@@ -134,6 +134,11 @@ fn handshake(socket: &Path) -> Handshake {
     // Our own stream, so a daemon that stops answering fails a read instead of hanging it.
     let stream = connect_with_timeout(socket, REQUEST_TIMEOUT)
         .unwrap_or_else(|e| panic!("connecting to {}: {e:#}", socket.display()));
+    handshake_stream(stream)
+}
+
+/// The handshake over an already connected stream (vublk's `--connect` and `--fd` modes).
+fn handshake_stream(stream: std::os::unix::net::UnixStream) -> Handshake {
     stream.set_read_timeout(Some(REQUEST_TIMEOUT)).unwrap();
     stream.set_write_timeout(Some(REQUEST_TIMEOUT)).unwrap();
     let mut frontend = Frontend::from_stream(stream, 1);
@@ -272,7 +277,14 @@ impl Session {
     }
 
     fn open_with(socket: &Path, opts: Options) -> Session {
-        let mut hs = handshake(socket);
+        Self::open_handshake(handshake(socket), opts)
+    }
+
+    fn open_stream(stream: std::os::unix::net::UnixStream) -> Session {
+        Self::open_handshake(handshake_stream(stream), Options::default())
+    }
+
+    fn open_handshake(mut hs: Handshake, opts: Options) -> Session {
         let acked = hs.features_to_ack(opts);
         hs.frontend.set_features(acked).expect("SET_FEATURES");
         let mem = GuestMemory::new(GUEST_SIZE, GUEST_BASE).unwrap();
@@ -1648,4 +1660,141 @@ fn avail_index_far_ahead_does_not_kill_the_daemon(kind: BackendKind) {
     assert_status(outcome, VIRTIO_BLK_S_OK, "read on the next connection");
     assert!(data == image_bytes(3 * 512, 512));
     fx.assert_alive("a broken ring and a new connection");
+}
+
+// ---------------------------------------------------------------------------------------
+// Where the connection comes from: --connect (the VMM listens), --fd (inherited socket).
+
+/// Spawns vublk serving a fresh image with `args` (socket options included); no socket wait.
+fn spawn_vublk(dir: &tempfile::TempDir, args: &[&str], fds: &[(i32, i32)]) -> (Daemon, PathBuf) {
+    let image = dir.path().join("disk.raw");
+    std::fs::write(&image, image_bytes(0, IMAGE_SIZE)).unwrap();
+    let mut cmd = std::process::Command::new(vublk_bin());
+    cmd.args(["serve", "--format", "raw", "--num-queues", "1", "--image"])
+        .arg(&image)
+        .args(args)
+        .stdin(std::process::Stdio::null());
+    vublk_tests::daemon::pass_fds(&mut cmd, fds);
+    let child = cmd.spawn().unwrap();
+    (
+        Daemon {
+            child,
+            socket: dir.path().join("unused"),
+            kind: BackendKind::Vublk,
+        },
+        image,
+    )
+}
+
+/// Accepts one connection on `listener`, failing after `REQUEST_TIMEOUT`.
+fn accept_with_timeout(
+    listener: &std::os::unix::net::UnixListener,
+) -> std::os::unix::net::UnixStream {
+    listener.set_nonblocking(true).unwrap();
+    let deadline = std::time::Instant::now() + REQUEST_TIMEOUT;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false).unwrap();
+                return stream;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "vublk did not connect in time"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
+#[test]
+fn connect_mode_reaches_a_listening_vmm_and_reconnects_after_it_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vmm.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let (_daemon, image) = spawn_vublk(&dir, &["--connect", path.to_str().unwrap()], &[]);
+
+    let mut first = Session::open_stream(accept_with_timeout(&listener));
+    let data = vec![0x7eu8; 4096];
+    assert_status(
+        first.write(0, 8, &data),
+        VIRTIO_BLK_S_OK,
+        "write over --connect",
+    );
+    drop(first);
+    // The "VMM" comes back: vublk connects again and serves the same disk.
+    let mut second = Session::open_stream(accept_with_timeout(&listener));
+    let (outcome, bytes) = second.read(0, 8, 4096);
+
+    assert_status(outcome, VIRTIO_BLK_S_OK, "read after reconnect");
+    assert_eq!(bytes, data);
+    assert_eq!(std::fs::read(&image).unwrap()[4096..8192], data[..]);
+}
+
+#[test]
+fn inherited_connected_socket_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (_daemon, _image) = spawn_vublk(&dir, &["--fd", "9"], &[(theirs.as_raw_fd(), 9)]);
+    drop(theirs);
+
+    let mut s = Session::open_stream(ours);
+    let (outcome, bytes) = s.read(0, 0, 4096);
+
+    assert_status(
+        outcome,
+        VIRTIO_BLK_S_OK,
+        "read over an inherited connected socket",
+    );
+    assert_eq!(bytes, image_bytes(0, 4096));
+}
+
+#[test]
+fn inherited_listening_socket_accepts_frontends() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vu.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let (_daemon, _image) = spawn_vublk(&dir, &["--fd", "9"], &[(listener.as_raw_fd(), 9)]);
+    drop(listener);
+
+    let mut s = Session::open(&path);
+    let (outcome, bytes) = s.read(0, 16, 4096);
+
+    assert_status(
+        outcome,
+        VIRTIO_BLK_S_OK,
+        "read over an inherited listening socket",
+    );
+    assert_eq!(bytes, image_bytes(16 * 512, 4096));
+}
+
+#[test]
+fn sigterm_with_a_frontend_connected_drains_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vu.sock");
+    let (daemon, image) = spawn_vublk(&dir, &["--socket-path", path.to_str().unwrap()], &[]);
+    let mut daemon = daemon;
+    daemon.socket = path.clone();
+    daemon.wait_listening(REQUEST_TIMEOUT).unwrap();
+    let mut s = Session::open(&path);
+    let data = vec![0x42u8; 8192];
+    assert_status(
+        s.write(0, 64, &data),
+        VIRTIO_BLK_S_OK,
+        "write before SIGTERM",
+    );
+
+    let status = daemon.terminate().unwrap();
+
+    assert!(
+        status.success(),
+        "vublk should exit 0 on SIGTERM, got {status}"
+    );
+    assert_eq!(
+        std::fs::read(&image).unwrap()[64 * 512..64 * 512 + 8192],
+        data[..]
+    );
 }
