@@ -41,6 +41,8 @@ const TAG_KICK: u64 = 0xf200_0000_0000_0000;
 const TAG_CANCEL: u64 = 0xf300_0000_0000_0000;
 /// Fixed-file slots after the image files: the wake eventfd, then the kick eventfd.
 const EXTRA_SLOTS: u32 = 2;
+/// Pause after an unexpected io_uring_enter failure.
+const SUBMIT_ERROR_BACKOFF: std::time::Duration = std::time::Duration::from_millis(10);
 /// With at least this many requests in flight, the worker looks at the avail ring after each
 /// batch of completions instead of asking the driver to kick.
 const POLL_AVAIL_MIN_IN_FLIGHT: usize = 4;
@@ -266,7 +268,10 @@ impl Worker {
             self.notify_guest();
             // The one place the worker waits: completions, kicks and wakes all arrive as CQEs.
             if let Err(e) = self.ring.submit(true) {
+                // Not expected (EBUSY, EAGAIN and EINTR are absorbed by `submit`); back off so
+                // a persistent failure cannot turn this loop into a busy spin.
                 log::error!("queue {q}: io_uring submit failed: {e}");
+                std::thread::sleep(SUBMIT_ERROR_BACKOFF);
             }
             self.reap();
             self.notify_guest();
