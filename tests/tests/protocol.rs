@@ -1834,3 +1834,35 @@ fn misaligned_guest_buffers_with_cache_none_are_bounced_and_correct() {
     assert_eq!(s.mem.read(rbuf, 4096).unwrap(), data);
     assert_eq!(fx.file_bytes(24 * 512, 4096), data);
 }
+
+#[test]
+fn ring_restarted_with_a_new_kick_fd_serves_the_next_request() {
+    let fx = Fixture::start(BackendKind::Vublk, |_| {});
+    let mut s = fx.open();
+    for round in 0..30u64 {
+        let base = s.hs.frontend.get_vring_base(0).expect("GET_VRING_BASE");
+        // QEMU restarts a ring with a fresh eventfd; vublk receives it as a new fd, which
+        // often reuses the number of the one it has just closed.
+        let (kick, call) = (Notifier::new(), Notifier::new());
+        s.hs.frontend
+            .set_vring_base(0, u16::try_from(base).unwrap())
+            .expect("SET_VRING_BASE");
+        // QEMU's order: the kick fd first, so it takes the number the old kick fd had.
+        s.hs.frontend
+            .set_vring_kick(0, &kick.0)
+            .expect("SET_VRING_KICK");
+        s.hs.frontend
+            .set_vring_call(0, &call.0)
+            .expect("SET_VRING_CALL");
+        s.hs.frontend
+            .set_vring_enable(0, true)
+            .expect("SET_VRING_ENABLE");
+        s.queues[0].kick = kick;
+        s.queues[0].call = call;
+
+        let (outcome, bytes) = s.read(0, round, 512);
+
+        assert_status(outcome, VIRTIO_BLK_S_OK, "read right after a ring restart");
+        assert_eq!(bytes, image_bytes(round * 512, 512), "round {round}");
+    }
+}

@@ -184,7 +184,7 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
             queue.vring.set_queue_ready(false);
             queue.stop_and_drain();
             queue.vring.set_enabled(false);
-            queue.vring.set_kick(None);
+            queue.set_kick(None);
             queue.vring.set_call(None);
         }
         self.acked_features = 0;
@@ -294,7 +294,7 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
         queue.vring.set_queue_ready(false);
         queue.stop_and_drain();
         let next_avail = queue.vring.queue_next_avail();
-        queue.vring.set_kick(None);
+        queue.set_kick(None);
         queue.vring.set_call(None);
         if self.protocol_acked() {
             queue.vring.set_enabled(false);
@@ -304,7 +304,7 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         let queue = self.queue(u32::from(index))?;
-        queue.vring.set_kick(fd);
+        queue.set_kick(fd);
         queue.vring.set_queue_ready(true);
         queue.poke();
         Ok(())

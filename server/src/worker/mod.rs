@@ -9,6 +9,7 @@ mod ops;
 mod segments;
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -60,6 +61,9 @@ struct Control {
 pub struct QueueShared {
     pub index: u16,
     pub vring: Vring,
+    /// Bumped after every change of the vring's kick fd. The worker compares epochs, not fd
+    /// numbers: a new kick fd often reuses the number of the one it replaces.
+    kick_epoch: AtomicU64,
     /// Wakes the worker to re-read `control` and the vring's kick fd.
     wake: EventFd,
     control: Mutex<Control>,
@@ -71,10 +75,19 @@ impl QueueShared {
         Ok(Arc::new(QueueShared {
             index,
             vring,
+            kick_epoch: AtomicU64::new(0),
             wake: EventFd::new(EFD_NONBLOCK)?,
             control: Mutex::new(Control::default()),
             changed: Condvar::new(),
         }))
+    }
+
+    /// Replaces the vring's kick fd (SET_VRING_KICK, or `None` when the ring stops) and tells
+    /// the worker, which re-arms its read on the new one.
+    pub fn set_kick(&self, fd: Option<std::fs::File>) {
+        self.vring.set_kick(fd);
+        self.kick_epoch.fetch_add(1, Ordering::AcqRel);
+        self.poke();
     }
 
     /// Tells the worker that the vring changed (kick fd, enable, ready).
@@ -156,7 +169,8 @@ pub fn spawn(
                 ring,
                 wake_slot,
                 kick_slot: wake_slot + 1,
-                kick_armed: None,
+                kick_epoch: 0,
+                kick_armed: false,
                 kick_generation: 0,
                 kicked: false,
                 avail_polling: false,
@@ -203,8 +217,9 @@ struct Worker {
     ring: QueueRing,
     wake_slot: u32,
     kick_slot: u32,
-    /// The kick fd installed in `kick_slot` with a read armed on it.
-    kick_armed: Option<RawFd>,
+    /// The kick epoch whose fd is installed in `kick_slot`, and whether a read is armed on it.
+    kick_epoch: u64,
+    kick_armed: bool,
     /// Tells the armed kick read apart from cancelled ones.
     kick_generation: u64,
     /// A kick arrived and the avail ring has not been looked at since.
@@ -320,11 +335,14 @@ impl Worker {
     /// Keeps a read armed on the vring's current kick fd: when the handler installed a new
     /// one (or removed it), the old read is cancelled and the slot updated.
     fn sync_kick(&mut self) {
-        let want = self.kick_fd();
-        if want == self.kick_armed {
+        // Epoch first, fd second: the handler bumps the epoch after replacing the fd, so a
+        // replacement racing with this read is seen again on the next loop.
+        let epoch = self.shared.kick_epoch.load(Ordering::Acquire);
+        if epoch == self.kick_epoch {
             return;
         }
-        if self.kick_armed.is_some() {
+        let want = self.kick_fd();
+        if self.kick_armed {
             let entry = opcode::AsyncCancel::new(TAG_KICK | self.kick_generation)
                 .build()
                 .flags(squeue::Flags::FIXED_FILE)
@@ -338,19 +356,22 @@ impl Worker {
                     self.shared.index
                 );
             }
+            self.kick_armed = false;
         }
+        self.kick_epoch = epoch;
         self.kick_generation = (self.kick_generation + 1) & !TAG_MASK;
         if let Err(e) = self.ring.set_file(self.kick_slot, want) {
             log::error!(
                 "queue {}: cannot install the kick fd: {e}",
                 self.shared.index
             );
-            self.kick_armed = None;
             return;
         }
-        self.kick_armed = want;
         if want.is_some() {
             self.arm_kick();
+            self.kick_armed = true;
+            // A kick may have been lost with the old fd: look at the ring once.
+            self.kicked = true;
         }
     }
 
@@ -369,10 +390,11 @@ impl Worker {
                 }
                 TAG_KICK => {
                     let current = user_data == TAG_KICK | self.kick_generation;
-                    if current && self.kick_armed.is_some() {
+                    if current && self.kick_armed {
                         self.kicked = true;
                         if res < 0 && res != -libc::EAGAIN && res != -libc::EINTR {
                             log::error!("queue {}: kick read failed: {res}", self.shared.index);
+                            self.kick_armed = false;
                         } else {
                             self.arm_kick();
                         }
