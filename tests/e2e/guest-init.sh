@@ -5,7 +5,8 @@
 #
 # Loads the virtio modules listed in /etc/vublk-modules, waits for /dev/vda, runs the job named
 # by `vublk.job=` on the kernel command line, prints one result line on the console and powers
-# off. It knows nothing about the backend: it only sees a virtio-blk disk.
+# off. It knows nothing about the backend: it only sees a virtio-blk disk. A job that hangs gets
+# a report of the disk's in-flight requests every 30 s (see watchdog below).
 #
 # Kernel command line parameters (all optional except vublk.job):
 #   vublk.job=write|verify|info
@@ -14,7 +15,7 @@
 #   vublk.seed=1           fio --randseed; a `verify` must use the `write` run's values
 #   vublk.ioengine=libaio  libaio or io_uring
 #   vublk.iodepth=8
-#   vublk.bssplit=4k/60:16k/20:64k/15:256k/5
+#   vublk.bssplit=4k/55:16k/20:64k/15:256k/5:1m/5
 #
 # Output contract (parsed by tests/src/guest.rs):
 #   VUBLK-E2E-INFO key=value          zero or more, `info` job only
@@ -50,13 +51,44 @@ exec </dev/console >/dev/console 2>&1
 # Start on a fresh line: the firmware leaves escape sequences without a newline on the console.
 echo
 echo "init: vublk e2e guest, kernel $(uname -r)"
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+
+# Hang reporter: if the job is still running after WATCHDOG_SECS (a healthy job takes a few
+# seconds), print the disk's in-flight requests and every blocked task's kernel stack, then
+# again at the same interval. It only reports: the host's timeout decides when to give up.
+# (The kernel's hung-task detector does not help here: it ignores killable waits, which is how
+# page-cache readers and fio wait for a request the backend never completes.)
+WATCHDOG_SECS=30
+watchdog() {
+	elapsed=0
+	while sleep "$WATCHDOG_SECS"; do
+		elapsed=$((elapsed + WATCHDOG_SECS))
+		echo "init: watchdog: job $job still running after $elapsed s"
+		if [ -e /sys/block/vda/inflight ]; then
+			echo "init: watchdog: vda in flight (reads writes): $(cat /sys/block/vda/inflight)"
+		fi
+		for busy in /sys/kernel/debug/block/vda/hctx*/busy; do
+			[ -e "$busy" ] || continue
+			sed "s|^|init: watchdog: ${busy#/sys/kernel/debug/block/} |" "$busy"
+		done
+		for task in /proc/[0-9]*; do
+			state=$(sed -n 's/^State:[[:space:]]*//p' "$task/status" 2>/dev/null)
+			case "$state" in
+			D*) ;;
+			*) continue ;;
+			esac
+			echo "init: watchdog: blocked task ${task#/proc/} $(cat "$task/comm" 2>/dev/null) [$state]"
+			sed 's/^/init: watchdog:     /' "$task/stack" 2>/dev/null
+		done
+	done
+}
 
 size=32M
 offset=0
 seed=1
 ioengine=libaio
 iodepth=8
-bssplit=4k/60:16k/20:64k/15:256k/5
+bssplit=4k/55:16k/20:64k/15:256k/5:1m/5
 bad_param=
 # Word splitting of /proc/cmdline is intended: one kernel parameter per word.
 # shellcheck disable=SC2013
@@ -77,6 +109,9 @@ if [ -n "$bad_param" ]; then
 	finish FAIL reason=bad-parameter
 fi
 
+watchdog &
+
+echo "init: loading $(tr '\n' ' ' </etc/vublk-modules)"
 while read -r module; do
 	if ! insmod "/lib/modules/$module.ko"; then
 		echo "init: insmod $module failed"
@@ -95,6 +130,8 @@ while [ ! -b /dev/vda ]; do
 	fi
 	usleep 100000
 done
+
+echo "init: /dev/vda is ready; running job $job"
 
 run_fio() {
 	# $@ = extra fio arguments on top of the shared job definition.

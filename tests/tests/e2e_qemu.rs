@@ -1,0 +1,226 @@
+//! End-to-end tests with a real QEMU guest (TCG): a backend serves a raw image over
+//! vhost-user-blk, a Debian cloud kernel runs fio `--verify` on the disk, and a second QEMU
+//! process reconnecting to the same running backend verifies the first one's data. In between,
+//! the host reads fio's block headers straight from the image file.
+//!
+//! The same tests run against qemu-storage-daemon as a check of the fixture itself. Guests are
+//! serialised within this binary: TCG guests are CPU bound, and running several at once on a
+//! small machine only stretches each one towards its timeout. The guest artifacts are built on
+//! first use (`tests/e2e/build-guest.sh`); if they cannot be built every test fails.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+use anyhow::{ensure, Result};
+use vublk_tests::daemon::{BackendKind, Daemon, DiskOptions};
+use vublk_tests::guest::{
+    check_fio_blocks_in_image, FioJob, Guest, GuestArtifacts, GuestOptions, GuestStatus, IoEngine,
+    Job,
+};
+
+/// Size of the images the write/verify tests use (sparse).
+const IMAGE_SIZE: u64 = 256 << 20;
+/// An image size that is not a power of two, to catch capacity rounding.
+const ODD_IMAGE_SIZE: u64 = (200 << 20) + (12 << 10);
+/// Serial passed to vublk; virtio-blk serials are at most 20 bytes.
+const SERIAL: &str = "vublk-e2e-serial-01";
+
+/// One guest at a time (see the module comment).
+fn guest_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Where the full serial console of `test`'s `job` goes, kept for post-mortems in
+/// `target/e2e/logs`. A previous run's file is removed, so no stale console is left behind.
+fn console_log(test: &str, job: &str) -> Result<PathBuf> {
+    let dir = GuestArtifacts::default_dir().join("logs");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{test}-{job}.console"));
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(path)
+}
+
+fn sparse_image(dir: &Path, size: u64) -> Result<PathBuf> {
+    let path = dir.join("disk.raw");
+    File::create(&path)?.set_len(size)?;
+    Ok(path)
+}
+
+/// The workload of the persistence tests: 32 MiB from 16 MiB, mixed block sizes, depth 8.
+fn persistence_job() -> FioJob {
+    FioJob {
+        offset: 16 << 20,
+        seed: 0x5eed,
+        ..FioJob::default()
+    }
+}
+
+/// Writes with fio --verify in one QEMU, then verifies from a second QEMU process that
+/// reconnects to the same, still running, backend. `direct` is the backend's O_DIRECT
+/// (`--cache none`).
+fn write_then_verify_across_vmm_restart(
+    test: &str,
+    kind: BackendKind,
+    ioengine: IoEngine,
+    direct: bool,
+) -> Result<()> {
+    let _guard = guest_lock();
+    let started = Instant::now();
+    let dir = tempfile::tempdir()?;
+    let image = sparse_image(dir.path(), IMAGE_SIZE)?;
+    let socket = dir.path().join("vhost-user-blk.sock");
+    let mut disk = DiskOptions::raw(&image);
+    disk.direct = direct;
+    let mut daemon = Daemon::start(kind, &disk, &socket)?;
+    let job = FioJob {
+        ioengine,
+        ..persistence_job()
+    };
+
+    let write_log = console_log(test, "write")?;
+    let verify_log = console_log(test, "verify")?;
+    let mut opts = GuestOptions::new(&socket, Job::Write(job.clone()));
+    opts.console_log = Some(write_log);
+    opts.diagnose = vec![(format!("{kind:?}"), daemon.pid())];
+    let write = Guest::run(&opts)?;
+    write.expect_pass()?;
+    eprintln!("{kind:?}: {write}");
+    ensure!(
+        daemon.child.try_wait()?.is_none(),
+        "{kind:?} exited after the first QEMU disconnected"
+    );
+
+    let blocks = check_fio_blocks_in_image(&image, &job)?;
+    eprintln!("{kind:?}: the image holds all {blocks} verify intervals fio wrote");
+
+    opts.job = Job::Verify(job);
+    opts.console_log = Some(verify_log);
+    let verify = Guest::run(&opts)?;
+    verify.expect_pass()?;
+    eprintln!("{kind:?}: {verify}; test took {:.1?}", started.elapsed());
+    ensure!(
+        daemon.child.try_wait()?.is_none(),
+        "{kind:?} exited after the second QEMU disconnected"
+    );
+    Ok(())
+}
+
+/// Boots an `info` guest with `num_queues` queues against `kind` serving an odd-sized image.
+fn disk_info(
+    test: &str,
+    kind: BackendKind,
+    num_queues: u16,
+    extra_args: &[&str],
+) -> Result<vublk_tests::guest::DiskInfo> {
+    let _guard = guest_lock();
+    let dir = tempfile::tempdir()?;
+    let image = sparse_image(dir.path(), ODD_IMAGE_SIZE)?;
+    let socket = dir.path().join("vhost-user-blk.sock");
+    let mut disk = DiskOptions::raw(&image);
+    disk.num_queues = num_queues;
+    disk.extra_args = extra_args.iter().map(|a| a.to_string()).collect();
+    let daemon = Daemon::start(kind, &disk, &socket)?;
+    let mut opts = GuestOptions::new(&socket, Job::Info);
+    opts.diagnose = vec![(format!("{kind:?}"), daemon.pid())];
+    opts.num_queues = num_queues;
+    opts.console_log = Some(console_log(test, "info")?);
+    // virtio_blk uses at most one queue per possible CPU.
+    opts.cpus = u32::from(num_queues);
+    let output = Guest::run(&opts)?;
+    output.expect_pass()?;
+    eprintln!("{kind:?}: {output}; info {:?}", output.info);
+    output.disk_info()
+}
+
+#[test]
+fn vublk_guest_data_survives_vmm_restart() -> Result<()> {
+    write_then_verify_across_vmm_restart(
+        "vublk_guest_data_survives_vmm_restart",
+        BackendKind::Vublk,
+        IoEngine::Libaio,
+        false,
+    )
+}
+
+#[test]
+fn vublk_guest_data_survives_vmm_restart_io_uring_cache_none() -> Result<()> {
+    write_then_verify_across_vmm_restart(
+        "vublk_guest_data_survives_vmm_restart_io_uring_cache_none",
+        BackendKind::Vublk,
+        IoEngine::IoUring,
+        true,
+    )
+}
+
+#[test]
+fn vublk_guest_sees_capacity_serial_and_queues() -> Result<()> {
+    let info = disk_info(
+        "vublk_guest_sees_capacity_serial_and_queues",
+        BackendKind::Vublk,
+        2,
+        &["--serial", SERIAL],
+    )?;
+
+    assert_eq!(info.size_sectors, ODD_IMAGE_SIZE / 512);
+    assert_eq!(info.serial.as_deref(), Some(SERIAL));
+    assert!(!info.read_only);
+    assert_eq!(info.mq.len(), 2, "mq dirs: {:?}", info.mq);
+    Ok(())
+}
+
+#[test]
+fn qsd_guest_data_survives_vmm_restart() -> Result<()> {
+    write_then_verify_across_vmm_restart(
+        "qsd_guest_data_survives_vmm_restart",
+        BackendKind::Qsd,
+        IoEngine::Libaio,
+        false,
+    )
+}
+
+#[test]
+fn qsd_guest_sees_capacity_and_queues() -> Result<()> {
+    let info = disk_info(
+        "qsd_guest_sees_capacity_and_queues",
+        BackendKind::Qsd,
+        2,
+        &[],
+    )?;
+
+    assert_eq!(info.size_sectors, ODD_IMAGE_SIZE / 512);
+    assert!(!info.read_only);
+    assert_eq!(info.mq.len(), 2, "mq dirs: {:?}", info.mq);
+    Ok(())
+}
+
+/// The `verify` job must not pass vacuously: on a disk nothing was written to it fails.
+#[test]
+fn qsd_verify_job_fails_on_unwritten_disk() -> Result<()> {
+    let _guard = guest_lock();
+    let dir = tempfile::tempdir()?;
+    let image = sparse_image(dir.path(), IMAGE_SIZE)?;
+    let socket = dir.path().join("vhost-user-blk.sock");
+    let _daemon = Daemon::start(BackendKind::Qsd, &DiskOptions::raw(&image), &socket)?;
+
+    let mut opts = GuestOptions::new(&socket, Job::Verify(persistence_job()));
+    opts.console_log = Some(console_log(
+        "qsd_verify_job_fails_on_unwritten_disk",
+        "verify",
+    )?);
+    let output = Guest::run(&opts)?;
+    eprintln!("Qsd: {output}");
+
+    assert_eq!(output.result.status, GuestStatus::Fail);
+    assert_eq!(
+        output.result.fields.get("reason").map(String::as_str),
+        Some("fio")
+    );
+    Ok(())
+}
