@@ -8,6 +8,7 @@
 mod error;
 mod file;
 mod layer;
+pub mod qcow2;
 mod raw;
 
 pub use error::OpenError;
