@@ -1,12 +1,25 @@
-//! The layer contract: a format maps a guest byte range to pieces; the engine moves the bytes.
+//! The layer contract: a format maps a guest range to pieces; the engine moves the bytes.
+//!
+//! Mapping is synchronous and does no I/O. When a format needs metadata it does not hold (a
+//! qcow2 L2 table), `map` answers [`MapError::NeedTable`]: the engine reads those bytes through
+//! its ring, hands them to [`Layer::load_table`], and maps again.
 
 use std::fmt::Debug;
 
+use crate::qcow2::CompressionType;
 use crate::ImageFile;
 
-/// Index of a file in a layer's file table, which is also its io_uring registered-file slot.
+/// Index of a file in a disk's file table (the chain's files, top layer first), which is also
+/// its io_uring registered-file slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FileId(pub u32);
+
+impl FileId {
+    /// This id as seen from a layer whose own files start `base` slots later.
+    pub fn shifted(self, base: u32) -> FileId {
+        FileId(self.0 + base)
+    }
+}
 
 /// An image format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,6 +34,18 @@ impl std::fmt::Display for Format {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
         })
+    }
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "raw" => Ok(Format::Raw),
+            "qcow2" => Ok(Format::Qcow2),
+            other => Err(format!("unknown format '{other}' (raw or qcow2)")),
+        }
     }
 }
 
@@ -44,17 +69,75 @@ pub enum Piece {
     Data { file: FileId, offset: u64, len: u64 },
     /// `len` bytes that read as zeroes and need no I/O.
     Zero { len: u64 },
+    /// `len` bytes from inside one compressed cluster: read `read_len` bytes at `offset` of
+    /// `file`, decompress one cluster of `cluster_size` bytes, and take `skip..skip + len`.
+    Compressed {
+        file: FileId,
+        offset: u64,
+        read_len: u64,
+        algorithm: CompressionType,
+        cluster_size: u64,
+        skip: u64,
+        len: u64,
+    },
 }
 
 impl Piece {
     pub fn len(&self) -> u64 {
         match *self {
-            Piece::Data { len, .. } | Piece::Zero { len } => len,
+            Piece::Data { len, .. } | Piece::Zero { len } | Piece::Compressed { len, .. } => len,
         }
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The same piece with its file id moved by `base` (a backing layer's pieces, seen from
+    /// the layer above).
+    pub fn shifted(self, base: u32) -> Piece {
+        match self {
+            Piece::Data { file, offset, len } => Piece::Data {
+                file: file.shifted(base),
+                offset,
+                len,
+            },
+            Piece::Zero { len } => Piece::Zero { len },
+            Piece::Compressed {
+                file,
+                offset,
+                read_len,
+                algorithm,
+                cluster_size,
+                skip,
+                len,
+            } => Piece::Compressed {
+                file: file.shifted(base),
+                offset,
+                read_len,
+                algorithm,
+                cluster_size,
+                skip,
+                len,
+            },
+        }
+    }
+}
+
+/// Metadata a layer needs before it can map: `len` bytes at `offset` of `file`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableLoad {
+    pub file: FileId,
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl TableLoad {
+    pub fn shifted(self, base: u32) -> TableLoad {
+        TableLoad {
+            file: self.file.shifted(base),
+            ..self
+        }
     }
 }
 
@@ -65,6 +148,11 @@ pub enum MapError {
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("the disk is read-only")]
     ReadOnly,
+    /// Not an error: load this table and map again.
+    #[error("metadata at {0:?} must be loaded first")]
+    NeedTable(TableLoad),
+    #[error("image metadata is inconsistent: {0}")]
+    Corrupt(String),
 }
 
 /// A disk image format over one or more files.
@@ -76,8 +164,8 @@ pub trait Layer: Send + Sync + Debug {
     /// The size the guest sees, in bytes.
     fn virtual_size(&self) -> u64;
 
-    /// The files this layer reads and writes; a [`FileId`] indexes this slice.
-    fn files(&self) -> &[ImageFile];
+    /// The files of this layer and the layers below it; a [`FileId`] indexes this list.
+    fn files(&self) -> Vec<&ImageFile>;
 
     fn read_only(&self) -> bool;
 
@@ -88,6 +176,9 @@ pub trait Layer: Send + Sync + Debug {
         len: u64,
         out: &mut Vec<Piece>,
     ) -> Result<(), MapError>;
+
+    /// Takes the bytes of a table `map` asked for with [`MapError::NeedTable`].
+    fn load_table(&self, load: TableLoad, bytes: &[u8]) -> Result<(), MapError>;
 }
 
 /// Checks that `offset + len` lies within `size`, for every layer's `map`.

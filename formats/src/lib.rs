@@ -5,13 +5,15 @@
 //! stands on, and the raw format. It does not do I/O on guest data: the server's engine moves
 //! the bytes. qcow2 joins here on the same contract.
 
+mod compress;
 mod error;
 mod file;
 mod layer;
 pub mod qcow2;
 mod raw;
 
+pub use compress::{decompress_cluster, DecompressError};
 pub use error::OpenError;
 pub use file::{ImageFile, ImageFileOptions};
-pub use layer::{FileId, Format, Layer, MapError, MapKind, Piece};
+pub use layer::{FileId, Format, Layer, MapError, MapKind, Piece, TableLoad};
 pub use raw::RawLayer;

@@ -1,7 +1,7 @@
 //! The raw format: guest offset N is file offset N.
 
 use crate::layer::check_range;
-use crate::{FileId, Format, ImageFile, Layer, MapError, MapKind, OpenError, Piece};
+use crate::{FileId, Format, ImageFile, Layer, MapError, MapKind, OpenError, Piece, TableLoad};
 
 /// The largest disk vublk serves, in bytes: 2^63 - 1 would overflow sector arithmetic in
 /// guests; 2^56 is QEMU's own limit for qcow2 host offsets and far beyond any real disk.
@@ -44,8 +44,8 @@ impl Layer for RawLayer {
         self.size
     }
 
-    fn files(&self) -> &[ImageFile] {
-        &self.files
+    fn files(&self) -> Vec<&ImageFile> {
+        self.files.iter().collect()
     }
 
     fn read_only(&self) -> bool {
@@ -76,6 +76,12 @@ impl Layer for RawLayer {
             });
         }
         Ok(())
+    }
+
+    fn load_table(&self, load: TableLoad, _bytes: &[u8]) -> Result<(), MapError> {
+        Err(MapError::Corrupt(format!(
+            "raw layer asked to load a table it never requested ({load:?})"
+        )))
     }
 }
 

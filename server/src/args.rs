@@ -23,6 +23,19 @@ pub struct Cli {
 pub enum Command {
     /// Serve a disk image to a VMM over vhost-user-blk.
     Serve(Box<ServeArgs>),
+    /// Print what an image's header says (qemu-img info's JSON keys), from a bounded read.
+    Probe(ProbeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// The image: fd:N or a path.
+    #[arg(value_name = "FILE")]
+    pub file: String,
+
+    /// Take the image as this format instead of detecting it.
+    #[arg(long, value_enum)]
+    pub format: Option<FormatArg>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -56,6 +69,12 @@ pub struct ServeArgs {
     /// Format of --image. Required: a writable disk's format is never probed.
     #[arg(long, value_enum)]
     pub format: Option<FormatArg>,
+
+    /// A backing layer as FILE,format=raw|qcow2; repeatable, in chain order (the image's own
+    /// backing file first). Backing layers are opened read-only; the names written inside the
+    /// images are reported, never opened.
+    #[arg(long, value_name = "FILE,format=F")]
+    pub backing: Vec<String>,
 
     /// Serve the disk read-only.
     #[arg(long)]

@@ -40,11 +40,24 @@ pub enum CacheMode {
     Writeback,
 }
 
+/// The deepest backing chain vublk opens (the image itself not counted): a chain is exactly
+/// what the manager passes, and 16 layers is far past any real one (crosvm uses 16 too).
+pub const MAX_BACKING_DEPTH: usize = 16;
+
+/// One `--backing` layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackingConfig {
+    pub file: FileSpec,
+    pub format: FormatArg,
+}
+
 /// Options of the disk the guest sees.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskConfig {
     pub image: FileSpec,
     pub format: FormatArg,
+    /// Chain order: the image's backing file first.
+    pub backing: Vec<BackingConfig>,
     pub read_only: bool,
     /// `None`: an fd's own O_DIRECT flag decides; a path is opened with writeback.
     pub cache: Option<CacheMode>,
@@ -75,8 +88,18 @@ pub enum ConfigError {
     Image(#[source] SpecError),
     #[error("--format is required (a writable disk's format is never probed)")]
     FormatMissing,
-    #[error("--format qcow2 is not supported yet")]
-    Qcow2Unsupported,
+    #[error("--backing {text}: expected FILE,format=raw|qcow2")]
+    BackingSyntax { text: String },
+    #[error("--backing {text}: {source}")]
+    BackingFile {
+        text: String,
+        #[source]
+        source: SpecError,
+    },
+    #[error("--backing: {count} layers is deeper than the limit of {MAX_BACKING_DEPTH}")]
+    BackingDepth { count: usize },
+    #[error("--backing: a raw image has no backing file")]
+    BackingUnderRaw,
     #[error("--serial: {len} bytes is longer than the {SERIAL_MAX_BYTES} bytes virtio-blk allows")]
     SerialTooLong { len: usize },
     #[error("--logical-block-size: {0} is neither 512 nor 4096")]
@@ -99,8 +122,18 @@ impl TryFrom<ServeArgs> for ServeConfig {
     fn try_from(args: ServeArgs) -> Result<Self, Self::Error> {
         let image: FileSpec = args.image.parse().map_err(ConfigError::Image)?;
         let format = args.format.ok_or(ConfigError::FormatMissing)?;
-        if format == FormatArg::Qcow2 {
-            return Err(ConfigError::Qcow2Unsupported);
+        let backing = args
+            .backing
+            .iter()
+            .map(|text| parse_backing(text))
+            .collect::<Result<Vec<_>, _>>()?;
+        if backing.len() > MAX_BACKING_DEPTH {
+            return Err(ConfigError::BackingDepth {
+                count: backing.len(),
+            });
+        }
+        if format == FormatArg::Raw && !backing.is_empty() {
+            return Err(ConfigError::BackingUnderRaw);
         }
         let serial = args.serial.unwrap_or_default().into_bytes();
         if serial.len() > SERIAL_MAX_BYTES {
@@ -135,6 +168,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             disk: DiskConfig {
                 image,
                 format,
+                backing,
                 read_only: args.read_only,
                 cache: args.cache.map(|c| match c {
                     CacheArg::None => CacheMode::None,
@@ -152,6 +186,24 @@ impl TryFrom<ServeArgs> for ServeConfig {
             ready_fd: args.ready_fd,
         })
     }
+}
+
+/// Parses `FILE,format=F` (the format is required: a backing layer's format is never probed).
+fn parse_backing(text: &str) -> Result<BackingConfig, ConfigError> {
+    let syntax = || ConfigError::BackingSyntax {
+        text: text.to_string(),
+    };
+    let (file, format) = text.rsplit_once(",format=").ok_or_else(syntax)?;
+    let format = match format {
+        "raw" => FormatArg::Raw,
+        "qcow2" => FormatArg::Qcow2,
+        _ => return Err(syntax()),
+    };
+    let file = file.parse().map_err(|source| ConfigError::BackingFile {
+        text: text.to_string(),
+        source,
+    })?;
+    Ok(BackingConfig { file, format })
 }
 
 /// One queue per host CPU, at most [`DEFAULT_MAX_NUM_QUEUES`].
@@ -174,7 +226,7 @@ mod tests {
         let cli = Cli::try_parse_from(argv).expect("clap accepts the syntax");
         match cli.command {
             Some(Command::Serve(args)) => ServeConfig::try_from(*args),
-            None => panic!("no subcommand"),
+            Some(Command::Probe(_)) | None => panic!("not a serve command line"),
         }
     }
 
@@ -220,6 +272,86 @@ mod tests {
     fn bare_discard_means_unmap() {
         assert!(with(&["--discard"]).unwrap().disk.discard);
         assert!(!with(&["--discard", "ignore"]).unwrap().disk.discard);
+    }
+
+    #[test]
+    fn backing_layers_parse_in_chain_order() {
+        let cfg = parse(&[
+            "--image",
+            "fd:5",
+            "--format",
+            "qcow2",
+            "--socket-path",
+            "/s",
+            "--backing",
+            "fd:6,format=qcow2",
+            "--backing",
+            "/b/base.img,format=raw",
+        ])
+        .unwrap();
+        assert_eq!(
+            cfg.disk.backing,
+            vec![
+                BackingConfig {
+                    file: FileSpec::Fd(6),
+                    format: FormatArg::Qcow2
+                },
+                BackingConfig {
+                    file: FileSpec::Path(PathBuf::from("/b/base.img")),
+                    format: FormatArg::Raw
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_backing_specs_are_refused() {
+        let base = [
+            "--image",
+            "fd:5",
+            "--format",
+            "qcow2",
+            "--socket-path",
+            "/s",
+        ];
+        let with_backing = |b: &str| {
+            let mut v = base.to_vec();
+            v.extend_from_slice(&["--backing", b]);
+            parse(&v)
+        };
+        assert!(matches!(
+            with_backing("fd:6"),
+            Err(ConfigError::BackingSyntax { .. })
+        ));
+        assert!(matches!(
+            with_backing("fd:6,format=vmdk"),
+            Err(ConfigError::BackingSyntax { .. })
+        ));
+        assert!(matches!(
+            with_backing("fd:1,format=raw"),
+            Err(ConfigError::BackingFile { .. })
+        ));
+        let deep: Vec<String> = (0..17)
+            .map(|i| format!("fd:{},format=qcow2", i + 10))
+            .collect();
+        let mut v: Vec<&str> = base.to_vec();
+        for d in &deep {
+            v.extend_from_slice(&["--backing", d]);
+        }
+        assert_eq!(parse(&v), Err(ConfigError::BackingDepth { count: 17 }));
+        assert_eq!(
+            parse(&[
+                "--image",
+                "fd:5",
+                "--format",
+                "raw",
+                "--socket-path",
+                "/s",
+                "--backing",
+                "fd:6,format=raw"
+            ]),
+            Err(ConfigError::BackingUnderRaw)
+        );
     }
 
     #[test]

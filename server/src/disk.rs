@@ -13,6 +13,7 @@ use std::sync::Mutex;
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use vublk_fdset::{check_image_fd, FdError, FdStatus, FileSpec, ImageAccess};
+use vublk_formats::qcow2::Qcow2Layer;
 use vublk_formats::{ImageFile, ImageFileOptions, Layer, OpenError, RawLayer};
 
 use crate::args::FormatArg;
@@ -25,28 +26,26 @@ use crate::virtio_blk::VIRTIO_BLK_ID_BYTES;
 /// Why the disk could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
-    #[error("--image {spec}")]
+    #[error("{spec}")]
     Fd {
         spec: FileSpec,
         #[source]
         source: FdError,
     },
-    #[error("--image {path}: cannot open")]
+    #[error("{path}: cannot open")]
     Path {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("--image {spec}: fd sets are filled by --add-fd or the control socket, which this build does not have yet")]
+    #[error("{spec}: fd sets are filled by --add-fd or the control socket, which this build does not have yet")]
     FdSetUnsupported { spec: FileSpec },
-    #[error("--image {spec}")]
+    #[error("{spec}")]
     Open {
         spec: FileSpec,
         #[source]
         source: OpenError,
     },
-    #[error("--image {spec}: --format qcow2 is not supported yet")]
-    Qcow2Unsupported { spec: FileSpec },
     #[error(
         "--image {spec}: the disk is {size} bytes, not a multiple of --logical-block-size {lbs}"
     )]
@@ -66,31 +65,10 @@ pub struct Disk {
 }
 
 impl Disk {
-    /// Opens `disk` as the device `device` describes.
+    /// Opens `disk` (the image and its backing chain) as the device `device` describes.
     pub fn open(disk: &DiskConfig, device: &DeviceConfig) -> Result<Disk, DiskError> {
         let spec = disk.image.clone();
-        let writable = !disk.read_only;
-        let (fd, direct, nonblock) = open_image(&spec, writable, disk.cache)?;
-        let file = ImageFile::new(
-            fd,
-            ImageFileOptions {
-                role: "image".to_string(),
-                writable,
-                direct,
-                nonblock,
-            },
-        )
-        .map_err(|source| DiskError::Open {
-            spec: spec.clone(),
-            source,
-        })?;
-        let layer: Box<dyn Layer> = match disk.format {
-            FormatArg::Raw => Box::new(RawLayer::open(file).map_err(|source| DiskError::Open {
-                spec: spec.clone(),
-                source,
-            })?),
-            FormatArg::Qcow2 => return Err(DiskError::Qcow2Unsupported { spec }),
-        };
+        let layer = open_chain(disk)?;
         let mut capacity_bytes = layer.virtual_size();
         let lbs = disk.logical_block_size;
         if capacity_bytes % u64::from(lbs) != 0 {
@@ -182,7 +160,20 @@ impl Disk {
 
     /// The raw fds to register with each queue's ring, indexed by `FileId`.
     pub fn raw_fds(&self) -> Vec<RawFd> {
-        self.layer.files().iter().map(ImageFile::raw_fd).collect()
+        self.layer
+            .files()
+            .into_iter()
+            .map(ImageFile::raw_fd)
+            .collect()
+    }
+
+    /// Each file's options, indexed by `FileId`.
+    pub fn file_options(&self) -> Vec<ImageFileOptions> {
+        self.layer
+            .files()
+            .into_iter()
+            .map(|f| f.options().clone())
+            .collect()
     }
 
     /// fdatasyncs every writable file (used on shutdown).
@@ -194,6 +185,63 @@ impl Disk {
         }
         Ok(())
     }
+}
+
+/// Opens the backing chain bottom-up, then the image on top of it.
+fn open_chain(disk: &DiskConfig) -> Result<Box<dyn Layer>, DiskError> {
+    // Paths in the chain follow the image's cache mode; fds keep their own O_DIRECT flag.
+    let path_cache = disk.cache.or(Some(CacheMode::Writeback));
+    let mut below: Option<Box<dyn Layer>> = None;
+    for (depth, layer) in disk.backing.iter().enumerate().rev() {
+        let role = format!("backing {}", depth + 1);
+        let cache = match layer.file {
+            FileSpec::Path(_) => path_cache,
+            FileSpec::Fd(_) | FileSpec::FdSet(_) => None,
+        };
+        let file = open_file(&layer.file, &role, false, cache)?;
+        below = Some(open_layer(&layer.file, layer.format, file, below.take())?);
+    }
+    let file = open_file(&disk.image, "image", !disk.read_only, disk.cache)?;
+    open_layer(&disk.image, disk.format, file, below)
+}
+
+fn open_file(
+    spec: &FileSpec,
+    role: &str,
+    writable: bool,
+    cache: Option<CacheMode>,
+) -> Result<ImageFile, DiskError> {
+    let (fd, direct, nonblock) = open_image(spec, writable, cache)?;
+    ImageFile::new(
+        fd,
+        ImageFileOptions {
+            role: role.to_string(),
+            writable,
+            direct,
+            nonblock,
+        },
+    )
+    .map_err(|source| DiskError::Open {
+        spec: spec.clone(),
+        source,
+    })
+}
+
+fn open_layer(
+    spec: &FileSpec,
+    format: FormatArg,
+    file: ImageFile,
+    backing: Option<Box<dyn Layer>>,
+) -> Result<Box<dyn Layer>, DiskError> {
+    let open_err = |source| DiskError::Open {
+        spec: spec.clone(),
+        source,
+    };
+    Ok(match format {
+        // ServeConfig refuses --backing under a raw image, so `backing` is None here.
+        FormatArg::Raw => Box::new(RawLayer::open(file).map_err(open_err)?),
+        FormatArg::Qcow2 => Box::new(Qcow2Layer::open(file, backing).map_err(open_err)?),
+    })
 }
 
 /// Opens or adopts the image fd; returns it with its O_DIRECT and O_NONBLOCK flags.

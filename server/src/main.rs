@@ -6,6 +6,7 @@ mod capabilities;
 mod config;
 mod disk;
 mod engine;
+mod probe;
 mod serve;
 mod vhost_user;
 mod virtio_blk;
@@ -20,7 +21,7 @@ use args::{Cli, Command};
 
 /// Subcommands, for telling `vublk --socket-path ...` (the vhost-user backend program
 /// convention, which has no subcommand) from `vublk serve --socket-path ...`.
-const SUBCOMMANDS: [&str; 2] = ["serve", "help"];
+const SUBCOMMANDS: [&str; 3] = ["serve", "probe", "help"];
 
 /// Inserts `serve` when the first argument is an option other than the top-level ones, so a
 /// management tool can start vublk as `vublk --socket-path=... --blk-file=...`.
@@ -49,6 +50,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Some(Command::Serve(args)) => serve::run(*args),
+        Some(Command::Probe(args)) => probe::run(args),
         None => {
             eprintln!("vublk: a subcommand is required (try `vublk serve --help`)");
             return ExitCode::from(2);

@@ -12,13 +12,16 @@
 //! header, including features vublk does not serve, so that a probe can describe them;
 //! [`Qcow2Header::parse_supported`] (what opening calls) also refuses those ([`Unsupported`]).
 
+mod cache;
 pub mod entries;
 pub mod extensions;
 pub mod header;
+mod layer;
 pub mod limits;
 pub mod probe;
 pub mod types;
 
+pub use cache::{L2Cache, DEFAULT_L2_CACHE_BYTES};
 pub use entries::{
     decode_l1_entry, decode_l2_entry, decode_refcount_table_entry, encode_l1_entry,
     encode_l2_entry, encode_refcount_table_entry, refcount_get, refcount_set, refcount_update,
@@ -30,6 +33,7 @@ pub use header::{
     CompressionType, CryptMethod, HeaderError, HeaderPatch, Qcow2Header, Table, Unsupported,
     Version,
 };
+pub use layer::Qcow2Layer;
 pub use probe::{probe, probe_fd, ProbeError, ProbeInfo};
 pub use types::{
     ClusterGeometry, GeometryError, GuestCluster, GuestLocation, GuestOffset, HostCluster,

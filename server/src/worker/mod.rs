@@ -18,13 +18,13 @@ use vhost_user_backend::{VringMutex, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vublk_formats::{MapKind, Piece};
+use vublk_formats::{decompress_cluster, ImageFileOptions, MapError, MapKind, Piece, TableLoad};
 
 use crate::disk::Disk;
 use crate::engine::{EngineError, QueueRing};
 use crate::virtio_blk::request::{self, Descriptor, DiskRange, Op, Outcome, Request, Segment};
 use crate::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
-use ops::{classify, AlignedBuf, InFlight, IoOp, Next, OpKind};
+use ops::{classify, AlignedBuf, InFlight, IoOp, Next, OpKind, ReadPurpose};
 
 /// The vring type shared between the handler and a worker.
 pub type Vring = VringMutex<GuestMemoryAtomic<GuestMemoryMmap>>;
@@ -42,6 +42,9 @@ const TAG_KICK: u64 = 0xf200_0000_0000_0000;
 const TAG_CANCEL: u64 = 0xf300_0000_0000_0000;
 /// Fixed-file slots after the image files: the wake eventfd, then the kick eventfd.
 const EXTRA_SLOTS: u32 = 2;
+/// Metadata loads one request may wait for before it fails: a request maps at most a few
+/// tables per layer, and a chain is at most 17 layers deep.
+const MAX_TABLE_LOADS_PER_REQUEST: u32 = 64;
 /// Pause after an unexpected io_uring_enter failure.
 const SUBMIT_ERROR_BACKOFF: std::time::Duration = std::time::Duration::from_millis(10);
 /// With at least this many requests in flight, the worker looks at the avail ring after each
@@ -164,6 +167,8 @@ pub fn spawn(
             };
             let mut worker = Worker {
                 shared,
+                file_options: disk.file_options(),
+                raw_fds: files,
                 disk,
                 mem,
                 ring,
@@ -210,9 +215,18 @@ pub fn spawn(
     }
 }
 
+/// How planning a request ended when it did not produce its ops.
+enum Planned {
+    NeedTable(TableLoad),
+    Failed,
+}
+
 struct Worker {
     shared: Arc<QueueShared>,
     disk: Arc<Disk>,
+    /// The disk's files' options and fds, indexed by `FileId`.
+    file_options: Vec<ImageFileOptions>,
+    raw_fds: Vec<RawFd>,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     ring: QueueRing,
     wake_slot: u32,
@@ -556,7 +570,7 @@ impl Worker {
 
     /// Turns a parsed request into ops and submits them (or completes it at once).
     fn start(&mut self, head: u16, req: Request, mem: &Arc<GuestMemoryMmap>) {
-        let mut inflight = InFlight {
+        let inflight = InFlight {
             head,
             status_addr: req.status,
             mem: Arc::clone(mem),
@@ -564,45 +578,45 @@ impl Worker {
             pending: 0,
             status: VIRTIO_BLK_S_OK,
             written: 0,
+            request: Some(req.op),
+            loads: 0,
         };
-        let layer = self.disk.layer();
-        let result: Result<(), ()> = match req.op {
-            Op::Read { range, data } => {
-                inflight.written = u32::try_from(range.len).unwrap_or(u32::MAX);
-                self.plan_rw(&mut inflight, MapKind::Read, range, &data)
-            }
-            Op::Write { range, data } => self.plan_rw(&mut inflight, MapKind::Write, range, &data),
-            Op::Flush => {
-                for (i, file) in layer.files().iter().enumerate() {
-                    if file.options().writable {
-                        let idx = u32::try_from(i).unwrap_or(u32::MAX);
-                        inflight.ops.push(IoOp::new(OpKind::Flush, idx, 0, 0));
-                    }
-                }
-                Ok(())
-            }
-            Op::GetId { data } => {
-                inflight.written = write_serial(mem, &data, self.disk.serial());
-                Ok(())
-            }
-            Op::Discard { ranges } => self.plan_fallocate(&mut inflight, MapKind::Discard, &ranges),
-            Op::WriteZeroes { ranges, unmap } => {
-                let punch = unmap && self.disk.params().discard;
-                self.plan_fallocate(
-                    &mut inflight,
-                    MapKind::WriteZeroes { unmap: punch },
-                    &ranges,
-                )
-            }
-        };
-        if result.is_err() {
-            self.complete_now(head, req.status, VIRTIO_BLK_S_IOERR, 0, mem);
+        self.launch(inflight);
+    }
+
+    /// Plans `inflight`'s request (again, after a table load) and submits its ops, or a table
+    /// load when the layer needs one first.
+    fn launch(&mut self, mut inflight: InFlight) {
+        inflight.ops.clear();
+        inflight.status = VIRTIO_BLK_S_OK;
+        let Some(op) = inflight.request.take() else {
             return;
+        };
+        let planned = self.plan(&mut inflight, &op);
+        inflight.request = Some(op);
+        match planned {
+            Ok(()) => {}
+            Err(Planned::NeedTable(load)) => {
+                inflight.loads += 1;
+                if inflight.loads > MAX_TABLE_LOADS_PER_REQUEST {
+                    log::error!(
+                        "queue {}: request {} still needs metadata after {} loads",
+                        self.shared.index,
+                        inflight.head,
+                        MAX_TABLE_LOADS_PER_REQUEST
+                    );
+                    return self.finish_now(inflight, VIRTIO_BLK_S_IOERR);
+                }
+                inflight.ops.clear();
+                match read_into_op(load.file.0, load.offset, load.len, ReadPurpose::Table(load)) {
+                    Some(op) => inflight.ops.push(op),
+                    None => return self.finish_now(inflight, VIRTIO_BLK_S_IOERR),
+                }
+            }
+            Err(Planned::Failed) => return self.finish_now(inflight, VIRTIO_BLK_S_IOERR),
         }
         if inflight.ops.is_empty() {
-            let written = inflight.written;
-            self.complete_now(head, req.status, VIRTIO_BLK_S_OK, written, mem);
-            return;
+            return self.finish_now(inflight, VIRTIO_BLK_S_OK);
         }
         let slot = match self.free.pop() {
             Some(slot) => slot,
@@ -620,6 +634,58 @@ impl Worker {
         }
     }
 
+    /// Completes a request that has no I/O left in flight.
+    fn finish_now(&mut self, inflight: InFlight, status: u8) {
+        let written = if status == VIRTIO_BLK_S_OK {
+            inflight.written
+        } else {
+            0
+        };
+        let mem = Arc::clone(&inflight.mem);
+        self.complete_now(inflight.head, inflight.status_addr, status, written, &mem);
+    }
+
+    fn plan(&mut self, inflight: &mut InFlight, op: &Op) -> Result<(), Planned> {
+        match op {
+            Op::Read { range, data } => {
+                inflight.written = u32::try_from(range.len).unwrap_or(u32::MAX);
+                self.plan_rw(inflight, MapKind::Read, *range, data)
+            }
+            Op::Write { range, data } => self.plan_rw(inflight, MapKind::Write, *range, data),
+            Op::Flush => {
+                for (i, file) in self.file_options.iter().enumerate() {
+                    if file.writable {
+                        let idx = u32::try_from(i).unwrap_or(u32::MAX);
+                        inflight.ops.push(IoOp::new(OpKind::Flush, idx, 0, 0));
+                    }
+                }
+                Ok(())
+            }
+            Op::GetId { data } => {
+                inflight.written = write_serial(&inflight.mem, data, self.disk.serial());
+                Ok(())
+            }
+            Op::Discard { ranges } => self.plan_fallocate(inflight, MapKind::Discard, ranges),
+            Op::WriteZeroes { ranges, unmap } => {
+                let punch = *unmap && self.disk.params().discard;
+                self.plan_fallocate(inflight, MapKind::WriteZeroes { unmap: punch }, ranges)
+            }
+        }
+    }
+
+    /// Maps a range with the disk's layer; a table the layer lacks becomes `NeedTable`.
+    fn map(&mut self, kind: MapKind, offset: u64, len: u64) -> Result<(), Planned> {
+        self.pieces.clear();
+        match self.disk.layer().map(kind, offset, len, &mut self.pieces) {
+            Ok(()) => Ok(()),
+            Err(MapError::NeedTable(load)) => Err(Planned::NeedTable(load)),
+            Err(e) => {
+                log::warn!("queue {}: {e}", self.shared.index);
+                Err(Planned::Failed)
+            }
+        }
+    }
+
     /// Plans a read or write: maps the range, zero-fills holes (reads), and makes one op per
     /// data piece whose buffers are the matching part of the guest's.
     fn plan_rw(
@@ -628,17 +694,8 @@ impl Worker {
         kind: MapKind,
         range: DiskRange,
         data: &[Segment],
-    ) -> Result<(), ()> {
-        self.pieces.clear();
-        if let Err(e) = self
-            .disk
-            .layer()
-            .map(kind, range.offset, range.len, &mut self.pieces)
-        {
-            log::warn!("queue {}: {e}", self.shared.index);
-            return Err(());
-        }
-        let files = self.disk.layer().files();
+    ) -> Result<(), Planned> {
+        self.map(kind, range.offset, range.len)?;
         let mut pos = 0u64;
         for piece in &self.pieces {
             let guest = segments::carve(data, pos, piece.len());
@@ -646,8 +703,37 @@ impl Worker {
             match *piece {
                 Piece::Zero { len: _ } => {
                     if kind == MapKind::Read {
-                        zero_guest(&inflight.mem, &guest).map_err(|_| ())?;
+                        zero_guest(&inflight.mem, &guest).map_err(|_| Planned::Failed)?;
                     }
+                }
+                Piece::Compressed {
+                    file,
+                    offset,
+                    read_len,
+                    algorithm,
+                    cluster_size,
+                    skip,
+                    len: _,
+                } => {
+                    if kind != MapKind::Read {
+                        return Err(Planned::Failed);
+                    }
+                    // Compressed bytes start anywhere: read whole 512-byte sectors around
+                    // them, so O_DIRECT fds work too.
+                    let start = offset / 512 * 512;
+                    let input_skip = offset - start;
+                    let total = (input_skip + read_len).div_ceil(512) * 512;
+                    let purpose = ReadPurpose::Compressed {
+                        algorithm,
+                        cluster_size,
+                        input_skip,
+                        input_len: read_len,
+                        cluster_skip: skip,
+                    };
+                    let mut op =
+                        read_into_op(file.0, start, total, purpose).ok_or(Planned::Failed)?;
+                    op.guest = guest;
+                    inflight.ops.push(op);
                 }
                 Piece::Data { file, offset, len } => {
                     let op_kind = if kind == MapKind::Read {
@@ -656,16 +742,18 @@ impl Worker {
                         OpKind::Write
                     };
                     let mut op = IoOp::new(op_kind, file.0, offset, len);
-                    let iov = segments::iovecs(inflight.mem.as_ref(), &guest).ok_or(())?;
-                    let direct = files
+                    let iov =
+                        segments::iovecs(inflight.mem.as_ref(), &guest).ok_or(Planned::Failed)?;
+                    let direct = self
+                        .file_options
                         .get(file.0 as usize)
-                        .is_some_and(|f| f.options().direct);
+                        .is_some_and(|f| f.direct);
                     if direct && !segments::aligned(&iov, DIRECT_ALIGN) {
-                        let len_usize = usize::try_from(len).map_err(|_| ())?;
-                        let mut bounce = AlignedBuf::new(len_usize).ok_or(())?;
+                        let len_usize = usize::try_from(len).map_err(|_| Planned::Failed)?;
+                        let mut bounce = AlignedBuf::new(len_usize).ok_or(Planned::Failed)?;
                         if op_kind == OpKind::Write {
                             read_guest(&inflight.mem, &guest, bounce.as_mut_slice())
-                                .map_err(|_| ())?;
+                                .map_err(|_| Planned::Failed)?;
                         }
                         op.iov = vec![libc::iovec {
                             iov_base: bounce.as_mut_ptr().cast(),
@@ -689,23 +777,15 @@ impl Worker {
         inflight: &mut InFlight,
         kind: MapKind,
         ranges: &[DiskRange],
-    ) -> Result<(), ()> {
+    ) -> Result<(), Planned> {
         for range in ranges {
-            self.pieces.clear();
-            if let Err(e) = self
-                .disk
-                .layer()
-                .map(kind, range.offset, range.len, &mut self.pieces)
-            {
-                log::warn!("queue {}: {e}", self.shared.index);
-                return Err(());
-            }
+            self.map(kind, range.offset, range.len)?;
             for piece in &self.pieces {
                 if let Piece::Data { file, offset, len } = *piece {
                     let op_kind = match kind {
                         MapKind::Discard => OpKind::Discard,
                         MapKind::WriteZeroes { unmap } => OpKind::ZeroRange { punch: unmap },
-                        MapKind::Read | MapKind::Write => return Err(()),
+                        MapKind::Read | MapKind::Write => return Err(Planned::Failed),
                     };
                     inflight.ops.push(IoOp::new(op_kind, file.0, offset, len));
                 }
@@ -726,7 +806,7 @@ impl Worker {
         let user_data = ((slot as u64) << OP_INDEX_BITS) | idx as u64;
         let iov_len = u32::try_from(op.iov.len()).unwrap_or(u32::MAX);
         let entry = match op.kind {
-            OpKind::Read => opcode::Readv::new(fd, op.iov.as_ptr(), iov_len)
+            OpKind::Read | OpKind::ReadInto => opcode::Readv::new(fd, op.iov.as_ptr(), iov_len)
                 .offset(op.offset)
                 .build(),
             OpKind::Write => opcode::Writev::new(fd, op.iov.as_ptr(), iov_len)
@@ -776,28 +856,22 @@ impl Worker {
     fn on_completion(&mut self, user_data: u64, res: i32) {
         let slot = usize::try_from(user_data >> OP_INDEX_BITS).unwrap_or(usize::MAX);
         let idx = (user_data & ((1 << OP_INDEX_BITS) - 1)) as usize;
-        let files = self.disk.layer().files();
+        let q = self.shared.index;
+        let writethrough = !self.disk.writeback();
         let Some(inflight) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
-            log::error!(
-                "queue {}: completion for unknown slot {slot}",
-                self.shared.index
-            );
+            log::error!("queue {q}: completion for unknown slot {slot}");
             return;
         };
         let Some(op) = inflight.ops.get_mut(idx) else {
-            log::error!(
-                "queue {}: completion for unknown op {slot}/{idx}",
-                self.shared.index
-            );
+            log::error!("queue {q}: completion for unknown op {slot}/{idx}");
             return;
         };
-        let nonblock = files
-            .get(op.file as usize)
-            .is_some_and(|f| f.options().nonblock);
+        let file = self.file_options.get(op.file as usize);
+        let nonblock = file.is_some_and(|f| f.nonblock);
         let mut next = classify(op, res, nonblock);
         if next == Next::Synchronous {
-            next = match files.get(op.file as usize) {
-                Some(file) => run_synchronously(op, file.raw_fd(), !self.disk.writeback()),
+            next = match self.raw_fds.get(op.file as usize) {
+                Some(&fd) => run_synchronously(op, fd, writethrough),
                 None => Next::Failed(libc::EBADF),
             };
         }
@@ -828,8 +902,7 @@ impl Worker {
             }
             Next::Failed(errno) => {
                 log::warn!(
-                    "queue {}: {:?} on file {} at offset {} failed: {}",
-                    self.shared.index,
+                    "queue {q}: {:?} on file {} at offset {} failed: {}",
                     op.kind,
                     op.file,
                     op.offset,
@@ -840,28 +913,105 @@ impl Worker {
             Next::Done | Next::Synchronous => {}
         }
         op.done = true;
-        if op.kind == OpKind::Read && inflight.status == VIRTIO_BLK_S_OK {
-            if let Some(bounce) = op.bounce.as_ref() {
-                if write_guest(&inflight.mem, &op.guest, bounce.as_slice()).is_err() {
-                    inflight.status = VIRTIO_BLK_S_IOERR;
+        if inflight.status == VIRTIO_BLK_S_OK {
+            let delivered = match (op.kind, op.purpose) {
+                (OpKind::Read, _) => match op.bounce.as_ref() {
+                    Some(bounce) => write_guest(&inflight.mem, &op.guest, bounce.as_slice())
+                        .map_err(|e| e.to_string()),
+                    None => Ok(()),
+                },
+                (OpKind::ReadInto, Some(ReadPurpose::Compressed { .. })) => {
+                    deliver_compressed(&inflight.mem, op)
                 }
+                _ => Ok(()),
+            };
+            if let Err(e) = delivered {
+                log::warn!("queue {q}: request {}: {e}", inflight.head);
+                inflight.status = VIRTIO_BLK_S_IOERR;
             }
         }
         inflight.pending -= 1;
-        if inflight.pending == 0 {
-            if let Some(done) = self.slots[slot].take() {
-                self.free.push(slot);
-                self.in_flight -= 1;
-                let written = if done.status == VIRTIO_BLK_S_OK {
-                    done.written
-                } else {
-                    0
-                };
-                let mem = Arc::clone(&done.mem);
-                self.complete_now(done.head, done.status_addr, done.status, written, &mem);
-            }
+        if inflight.pending > 0 {
+            return;
         }
+        let Some(mut done) = self.slots[slot].take() else {
+            return;
+        };
+        self.free.push(slot);
+        self.in_flight -= 1;
+        // A table load: hand the bytes to the layer and plan the request again.
+        let table = done.ops.first().and_then(|op| match op.purpose {
+            Some(ReadPurpose::Table(load)) => Some(load),
+            _ => None,
+        });
+        if let Some(load) = table {
+            if done.status == VIRTIO_BLK_S_OK {
+                let bytes = done.ops.first_mut().and_then(|op| op.bounce.take());
+                let len = usize::try_from(load.len).unwrap_or(usize::MAX);
+                let loaded = match bytes.as_ref().and_then(|b| b.as_slice().get(..len)) {
+                    Some(bytes) => self.disk.layer().load_table(load, bytes),
+                    None => Err(MapError::Corrupt("short table buffer".into())),
+                };
+                match loaded {
+                    Ok(()) => return self.launch(done),
+                    Err(e) => log::warn!("queue {q}: {e}"),
+                }
+            }
+            return self.finish_now(done, VIRTIO_BLK_S_IOERR);
+        }
+        let status = done.status;
+        self.finish_now(done, status);
     }
+}
+
+/// A read of `len` bytes at `offset` of `file` into a fresh aligned buffer, for the worker.
+fn read_into_op(file: u32, offset: u64, len: u64, purpose: ReadPurpose) -> Option<IoOp> {
+    let size = usize::try_from(len).ok()?;
+    let mut bounce = AlignedBuf::new(size)?;
+    let mut op = IoOp::new(OpKind::ReadInto, file, offset, len);
+    op.iov = vec![libc::iovec {
+        iov_base: bounce.as_mut_slice().as_mut_ptr().cast(),
+        iov_len: size,
+    }];
+    op.bounce = Some(bounce);
+    op.purpose = Some(purpose);
+    Some(op)
+}
+
+/// Decompresses the cluster a compressed read brought in and copies the guest's part out.
+fn deliver_compressed(mem: &GuestMemoryMmap, op: &IoOp) -> Result<(), String> {
+    let Some(ReadPurpose::Compressed {
+        algorithm,
+        cluster_size,
+        input_skip,
+        input_len,
+        cluster_skip,
+    }) = op.purpose
+    else {
+        return Err("not a compressed read".into());
+    };
+    let bounce = op
+        .bounce
+        .as_ref()
+        .ok_or("compressed read without a buffer")?;
+    let from = usize::try_from(input_skip).map_err(|e| e.to_string())?;
+    let to = usize::try_from(input_skip + input_len).map_err(|e| e.to_string())?;
+    let input = bounce
+        .as_slice()
+        .get(from..to)
+        .ok_or("compressed bytes outside the read buffer")?;
+    let mut cluster = vec![0u8; usize::try_from(cluster_size).map_err(|e| e.to_string())?];
+    decompress_cluster(algorithm, input, &mut cluster).map_err(|e| e.to_string())?;
+    let skip = usize::try_from(cluster_skip).map_err(|e| e.to_string())?;
+    let want = usize::try_from(segments_len(&op.guest)).map_err(|e| e.to_string())?;
+    let part = cluster
+        .get(skip..skip + want)
+        .ok_or("guest range outside the compressed cluster")?;
+    write_guest(mem, &op.guest, part).map_err(|e| e.to_string())
+}
+
+fn segments_len(segs: &[Segment]) -> u64 {
+    segs.iter().map(|s| u64::from(s.len)).sum()
 }
 
 /// Runs `op` with blocking syscalls (for O_NONBLOCK fds, where io_uring answers EAGAIN).
@@ -869,10 +1019,10 @@ impl Worker {
 fn run_synchronously(op: &mut IoOp, fd: RawFd, writethrough: bool) -> Next {
     loop {
         let res: isize = match op.kind {
-            OpKind::Read | OpKind::Write => {
+            OpKind::Read | OpKind::ReadInto | OpKind::Write => {
                 let count = libc::c_int::try_from(op.iov.len()).unwrap_or(libc::c_int::MAX);
                 let offset = libc::off_t::try_from(op.offset).unwrap_or(libc::off_t::MAX);
-                if op.kind == OpKind::Read {
+                if op.kind != OpKind::Write {
                     // SAFETY: the iovecs point into live guest memory or the op's bounce
                     // buffer (see push_op), valid for writing their full lengths.
                     unsafe { libc::preadv(fd, op.iov.as_ptr(), count, offset) }

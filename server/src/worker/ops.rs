@@ -28,6 +28,26 @@ pub enum OpKind {
     },
     /// Writing zeroes from the worker's zero buffer, chunk by chunk.
     WriteZeroBuffer,
+    /// Reading into the op's own buffer for the worker to use ([`ReadPurpose`]), not into
+    /// guest memory.
+    ReadInto,
+}
+
+/// What a [`OpKind::ReadInto`] read is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadPurpose {
+    /// A metadata table the layer asked for.
+    Table(vublk_formats::TableLoad),
+    /// A compressed cluster: the stream starts `input_skip` bytes into the buffer and is
+    /// `input_len` long; the guest wants `len` bytes from `cluster_skip` of the decompressed
+    /// cluster.
+    Compressed {
+        algorithm: vublk_formats::qcow2::CompressionType,
+        cluster_size: u64,
+        input_skip: u64,
+        input_len: u64,
+        cluster_skip: u64,
+    },
 }
 
 /// One operation on one file.
@@ -44,8 +64,9 @@ pub struct IoOp {
     pub iov: Vec<libc::iovec>,
     /// The guest bytes this op covers, for bounce copy-out and zero fill at end of file.
     pub guest: Vec<Segment>,
-    /// Set when O_DIRECT alignment forced a copy.
+    /// Set when O_DIRECT alignment forced a copy, and for [`OpKind::ReadInto`].
     pub bounce: Option<AlignedBuf>,
+    pub purpose: Option<ReadPurpose>,
     pub done: bool,
 }
 
@@ -60,6 +81,7 @@ impl IoOp {
             iov: Vec::new(),
             guest: Vec::new(),
             bounce: None,
+            purpose: None,
             done: false,
         }
     }
@@ -76,6 +98,10 @@ pub struct InFlight {
     pub status: u8,
     /// Bytes written into device-writable buffers, status byte excluded.
     pub written: u32,
+    /// The request, kept so it can be planned again after a table load.
+    pub request: Option<crate::virtio_blk::request::Op>,
+    /// Table loads so far: bounds the map/load loop.
+    pub loads: u32,
 }
 
 /// What to do after a completion.
@@ -111,10 +137,10 @@ pub fn classify(op: &mut IoOp, res: i32, nonblock: bool) -> Next {
     }
     match op.kind {
         OpKind::Flush | OpKind::Discard | OpKind::ZeroRange { .. } => Next::Done,
-        OpKind::Read | OpKind::Write | OpKind::WriteZeroBuffer => {
+        OpKind::Read | OpKind::ReadInto | OpKind::Write | OpKind::WriteZeroBuffer => {
             let n = u64::try_from(res).unwrap_or(0);
             if n == 0 && op.remaining > 0 {
-                return if op.kind == OpKind::Read {
+                return if matches!(op.kind, OpKind::Read | OpKind::ReadInto) {
                     Next::ZeroFillRest
                 } else {
                     Next::Failed(libc::ENOSPC)
