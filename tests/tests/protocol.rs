@@ -1866,3 +1866,23 @@ fn ring_restarted_with_a_new_kick_fd_serves_the_next_request() {
         assert_eq!(bytes, image_bytes(round * 512, 512), "round {round}");
     }
 }
+
+#[test]
+fn sigint_exits_cleanly_like_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vu.sock");
+    let (mut daemon, _image) = spawn_vublk(&dir, &["--socket-path", path.to_str().unwrap()], &[]);
+    daemon.socket = path.clone();
+    daemon.wait_listening(REQUEST_TIMEOUT).unwrap();
+    let mut s = Session::open(&path);
+    assert_status(s.read(0, 0, 512).0, VIRTIO_BLK_S_OK, "read before SIGINT");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(daemon.pid()).unwrap());
+
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let status = daemon.child.wait().unwrap();
+
+    assert!(
+        status.success(),
+        "vublk should exit 0 on SIGINT, got {status}"
+    );
+}
