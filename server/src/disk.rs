@@ -38,6 +38,10 @@ pub enum DiskError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{spec}: a raw image has no backing file, but another --backing layer was given below it"
+    )]
+    BackingUnderRaw { spec: FileSpec },
     #[error("{spec}: fd sets are filled by --add-fd or the control socket, which this build does not have yet")]
     FdSetUnsupported { spec: FileSpec },
     #[error("{spec}")]
@@ -238,8 +242,12 @@ fn open_layer(
         source,
     };
     Ok(match format {
-        // ServeConfig refuses --backing under a raw image, so `backing` is None here.
-        FormatArg::Raw => Box::new(RawLayer::open(file).map_err(open_err)?),
+        FormatArg::Raw => {
+            if backing.is_some() {
+                return Err(DiskError::BackingUnderRaw { spec: spec.clone() });
+            }
+            Box::new(RawLayer::open(file).map_err(open_err)?)
+        }
         FormatArg::Qcow2 => Box::new(Qcow2Layer::open(file, backing).map_err(open_err)?),
     })
 }
