@@ -3,6 +3,7 @@
 //! Both vublk and qemu-storage-daemon are started through [`Daemon`], so a test or the
 //! benchmark can run the same workload against either one.
 
+use std::ffi::OsString;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -55,7 +56,42 @@ pub struct DiskOptions {
     /// O_DIRECT (`cache.direct=on` for QSD, `--cache none` for vublk).
     pub direct: bool,
     pub num_queues: u16,
+    /// The image's backing chain, nearest first: the image's own backing file, then that
+    /// file's backing file, and so on. Every layer is handed to the daemon explicitly and
+    /// opened read-only; neither daemon opens a backing file by the name written in an image.
+    pub backing: Vec<Backing>,
     pub extra_args: Vec<String>,
+}
+
+/// One layer of a backing chain, as the manager hands it over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backing {
+    /// A path, or for vublk any spelling its `--backing` accepts (`fd:N`, `/dev/fdset/N`).
+    pub path: PathBuf,
+    /// `raw` or `qcow2`.
+    pub format: String,
+}
+
+impl Backing {
+    pub fn new(path: impl Into<PathBuf>, format: &str) -> Self {
+        Backing {
+            path: path.into(),
+            format: format.to_string(),
+        }
+    }
+
+    /// vublk's `--backing` value: `PATH,format=FORMAT`.
+    fn vublk_arg(&self) -> OsString {
+        let mut arg = self.path.clone().into_os_string();
+        arg.push(",format=");
+        arg.push(&self.format);
+        arg
+    }
+}
+
+/// `path` as a value inside a QEMU option string, where a comma must be doubled.
+fn qemu_opt_path(path: &Path) -> String {
+    path.display().to_string().replace(',', ",,")
 }
 
 impl DiskOptions {
@@ -66,6 +102,7 @@ impl DiskOptions {
             read_only: false,
             direct: false,
             num_queues: 1,
+            backing: Vec::new(),
             extra_args: Vec::new(),
         }
     }
@@ -95,6 +132,9 @@ impl Daemon {
                     .arg(opts.num_queues.to_string())
                     .arg("--cache")
                     .arg(if opts.direct { "none" } else { "writeback" });
+                for layer in &opts.backing {
+                    cmd.arg("--backing").arg(layer.vublk_arg());
+                }
                 if opts.read_only {
                     cmd.arg("--read-only");
                 }
@@ -103,25 +143,52 @@ impl Daemon {
             }
             BackendKind::Qsd => {
                 let mut cmd = Command::new("/usr/bin/qemu-storage-daemon");
-                let direct = if opts.direct { "on" } else { "off" };
-                let ro = if opts.read_only { "on" } else { "off" };
-                cmd.arg("--blockdev")
-                    .arg(format!(
-                        "driver=file,node-name=file0,filename={},cache.direct={direct},aio=io_uring,read-only={ro}",
-                        opts.image.display()
-                    ))
-                    .arg("--blockdev")
-                    .arg(format!(
-                        "driver={},node-name=disk0,file=file0,read-only={ro}",
-                        opts.format
-                    ))
-                    .arg("--export")
-                    .arg(format!(
-                        "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable={},num-queues={}",
-                        socket.display(),
-                        if opts.read_only { "off" } else { "on" },
-                        opts.num_queues
-                    ));
+                // The explicit graph, deepest layer first (a node must exist before another
+                // names it): per layer a file node and a format node whose `backing` is the
+                // next layer's format node, or null for a qcow2 layer at the bottom, so QSD
+                // never opens a backing file by the name in an image. JSON, because the
+                // dotted-key syntax has no spelling for null (`backing=null` names a node).
+                let nodes =
+                    std::iter::once((opts.image.as_path(), opts.format.as_str(), opts.read_only))
+                        .chain(
+                            opts.backing
+                                .iter()
+                                .map(|b| (b.path.as_path(), b.format.as_str(), true)),
+                        )
+                        .enumerate()
+                        .collect::<Vec<_>>();
+                let depth = nodes.len();
+                for &(i, (path, format, read_only)) in nodes.iter().rev() {
+                    let file = serde_json::json!({
+                        "driver": "file",
+                        "node-name": format!("file{i}"),
+                        "filename": path,
+                        "cache": { "direct": opts.direct },
+                        "aio": "io_uring",
+                        "read-only": read_only,
+                    });
+                    let mut node = serde_json::json!({
+                        "driver": format,
+                        "node-name": format!("disk{i}"),
+                        "file": format!("file{i}"),
+                        "read-only": read_only,
+                    });
+                    if i + 1 < depth {
+                        node["backing"] = format!("disk{}", i + 1).into();
+                    } else if format == "qcow2" {
+                        node["backing"] = serde_json::Value::Null;
+                    }
+                    cmd.arg("--blockdev")
+                        .arg(file.to_string())
+                        .arg("--blockdev")
+                        .arg(node.to_string());
+                }
+                cmd.arg("--export").arg(format!(
+                    "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable={},num-queues={}",
+                    qemu_opt_path(socket),
+                    if opts.read_only { "off" } else { "on" },
+                    opts.num_queues
+                ));
                 cmd.args(&opts.extra_args);
                 cmd
             }

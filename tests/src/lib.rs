@@ -9,4 +9,5 @@
 pub mod blk;
 pub mod daemon;
 pub mod guest;
+pub mod images;
 pub mod vring;
