@@ -102,7 +102,9 @@ mod tests {
     use std::io::Write;
 
     fn pattern(len: usize) -> Vec<u8> {
-        (0..len).map(|i| u8::try_from((i % 13 * 7 + i / 4096) % 256).unwrap()).collect()
+        (0..len)
+            .map(|i| u8::try_from((i % 13 * 7 + i / 4096) % 256).unwrap())
+            .collect()
     }
 
     #[test]
