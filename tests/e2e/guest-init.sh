@@ -166,6 +166,12 @@ write)
 verify)
 	run_fio --verify_only
 	;;
+checksum)
+	# Reads the first vublk.size bytes (a plain byte count) through the virtio-blk driver and
+	# prints their md5, for the host to compare with its own oracle.
+	sum=$(head -c "$size" /dev/vda | md5sum) || finish FAIL reason=read
+	finish PASS "md5=${sum%% *}"
+	;;
 info)
 	q=/sys/block/vda/queue
 	info size /sys/block/vda/size

@@ -238,6 +238,9 @@ pub enum Job {
     Verify(FioJob),
     /// Prints the disk's sysfs attributes (size, ro, serial, queues...) as `INFO` lines.
     Info,
+    /// Reads the first `bytes` bytes of the disk and reports their md5 as `md5=` on the result
+    /// line (works on a read-only disk).
+    Checksum { bytes: u64 },
 }
 
 impl Job {
@@ -247,6 +250,7 @@ impl Job {
             Job::Write(_) => "write",
             Job::Verify(_) => "verify",
             Job::Info => "info",
+            Job::Checksum { .. } => "checksum",
         }
     }
 
@@ -255,6 +259,7 @@ impl Job {
         match self {
             Job::Write(fio) | Job::Verify(fio) => params.extend(fio.kernel_params()),
             Job::Info => {}
+            Job::Checksum { bytes } => params.push(format!("vublk.size={bytes}")),
         }
         params
     }

@@ -224,3 +224,118 @@ fn qsd_verify_job_fails_on_unwritten_disk() -> Result<()> {
     );
     Ok(())
 }
+
+/// Runs a host command and returns its stdout, failing with its stderr.
+fn host(cmd: &mut std::process::Command) -> Result<String> {
+    let out = cmd.output()?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A guest reads a qcow2 chain through vublk: a zstd-compressed qcow2 base under a qcow2
+/// overlay with its own data, both passed as fds, served read-only. The md5 the guest computes
+/// over what its virtio-blk driver read must equal the md5 of `qemu-img convert -O raw`.
+#[test]
+fn vublk_guest_reads_a_compressed_qcow2_chain_passed_as_fds() -> Result<()> {
+    use std::os::fd::AsRawFd;
+    const BYTES: u64 = 48 << 20;
+    let _guard = guest_lock();
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    // Content: a different 4 KiB pattern per block, with some runs of zeroes.
+    let data: Vec<u8> = (0..BYTES)
+        .map(|i| {
+            let block = i / 4096;
+            if block % 7 == 3 {
+                0
+            } else {
+                u8::try_from((i % 251 + block * 13) % 256).unwrap_or(0)
+            }
+        })
+        .collect();
+    std::fs::write(d.join("src.raw"), &data)?;
+    host(
+        std::process::Command::new("qemu-img")
+            .args([
+                "convert",
+                "-c",
+                "-O",
+                "qcow2",
+                "-o",
+                "compression_type=zstd",
+            ])
+            .arg(d.join("src.raw"))
+            .arg(d.join("base.qcow2")),
+    )?;
+    host(
+        std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(d.join("base.qcow2"))
+            .arg(d.join("top.qcow2"))
+            .arg(BYTES.to_string()),
+    )?;
+    host(
+        std::process::Command::new("qemu-io")
+            .args([
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 0x5a 1M 3M",
+                "-c",
+                "write -z 8M 1M",
+            ])
+            .arg(d.join("top.qcow2")),
+    )?;
+    host(
+        std::process::Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(d.join("top.qcow2"))
+            .arg(d.join("oracle.raw")),
+    )?;
+    let oracle = host(std::process::Command::new("md5sum").arg(d.join("oracle.raw")))?;
+    let oracle = oracle
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+
+    let top = File::open(d.join("top.qcow2"))?;
+    let base = File::open(d.join("base.qcow2"))?;
+    let socket = d.join("vhost-user-blk.sock");
+    let mut cmd = std::process::Command::new(vublk_tests::daemon::vublk_bin());
+    cmd.args([
+        "serve",
+        "--image",
+        "fd:10",
+        "--format",
+        "qcow2",
+        "--read-only",
+    ])
+    .args([
+        "--backing",
+        "fd:11,format=qcow2",
+        "--num-queues",
+        "1",
+        "--socket-path",
+    ])
+    .arg(&socket);
+    vublk_tests::daemon::pass_fds(&mut cmd, &[(top.as_raw_fd(), 10), (base.as_raw_fd(), 11)]);
+    let daemon = Daemon::spawn(BackendKind::Vublk, &mut cmd, &socket)?;
+
+    let mut opts = GuestOptions::new(&socket, Job::Checksum { bytes: BYTES });
+    opts.diagnose = vec![("vublk".into(), daemon.pid())];
+    opts.console_log = Some(console_log("qcow2_chain", "checksum")?);
+    let output = Guest::run(&opts)?;
+    output.expect_pass()?;
+    let guest_md5 = output.result.fields.get("md5").cloned().unwrap_or_default();
+
+    ensure!(
+        guest_md5 == oracle,
+        "the guest read {guest_md5}, qemu-img convert gives {oracle}"
+    );
+    Ok(())
+}
