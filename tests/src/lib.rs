@@ -9,5 +9,27 @@
 pub mod blk;
 pub mod daemon;
 pub mod guest;
+pub mod hostile;
 pub mod images;
 pub mod vring;
+
+/// Defines `mod <scenario> { fn vublk(); fn qsd(); }` tests calling `<scenario>(kind)`, so one
+/// scenario runs against vublk and, as a check of the test itself, against qemu-storage-daemon.
+#[macro_export]
+macro_rules! both_backends {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            use $crate::daemon::BackendKind;
+
+            #[test]
+            fn vublk() {
+                super::$scenario(BackendKind::Vublk)
+            }
+
+            #[test]
+            fn qsd() {
+                super::$scenario(BackendKind::Qsd)
+            }
+        }
+    )*};
+}

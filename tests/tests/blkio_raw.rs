@@ -184,26 +184,7 @@ fn assert_errno(result: Result<impl std::fmt::Debug, BlkError>, want: Errno, wha
     }
 }
 
-/// Defines `mod <scenario> { fn vublk(); fn qsd(); }` tests calling `<scenario>(kind)`.
-macro_rules! both_backends {
-    ($($scenario:ident),* $(,)?) => {$(
-        mod $scenario {
-            use vublk_tests::daemon::BackendKind;
-
-            #[test]
-            fn vublk() {
-                super::$scenario(BackendKind::Vublk)
-            }
-
-            #[test]
-            fn qsd() {
-                super::$scenario(BackendKind::Qsd)
-            }
-        }
-    )*};
-}
-
-both_backends!(
+vublk_tests::both_backends!(
     capacity_equals_image_file_size,
     writes_read_back_and_land_in_the_image_file,
     one_mib_requests_round_trip_in_one_and_in_many_segments,

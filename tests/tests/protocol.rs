@@ -567,25 +567,6 @@ fn assert_untouched(bytes: &[u8], what: &str) {
     );
 }
 
-/// Defines `mod <scenario> { fn vublk(); fn qsd(); }` tests calling `<scenario>(kind)`.
-macro_rules! both_backends {
-    ($($scenario:ident),* $(,)?) => {$(
-        mod $scenario {
-            use vublk_tests::daemon::BackendKind;
-
-            #[test]
-            fn vublk() {
-                super::$scenario(BackendKind::Vublk)
-            }
-
-            #[test]
-            fn qsd() {
-                super::$scenario(BackendKind::Qsd)
-            }
-        }
-    )*};
-}
-
 /// Like `both_backends!`, but the QSD run is ignored: the scenario is vublk's contract for
 /// hostile input, which QSD does not follow. `cargo test -- --ignored` runs it to compare.
 macro_rules! vublk_contract {
@@ -610,7 +591,7 @@ macro_rules! vublk_contract {
 // ---------------------------------------------------------------------------------------------
 // The normal path, on both backends.
 
-both_backends!(
+vublk_tests::both_backends!(
     read_returns_the_image_files_bytes,
     write_lands_in_the_image_file,
     flush_completes_with_ok,

@@ -1474,25 +1474,7 @@ fn vublk_refuses_a_backing_format_other_than_the_images_backing_format() {
 // ---------------------------------------------------------------------------------------------
 // Both backends.
 
-macro_rules! both_backends {
-    ($($scenario:ident),* $(,)?) => {$(
-        mod $scenario {
-            use vublk_tests::daemon::BackendKind;
-
-            #[test]
-            fn vublk() {
-                super::$scenario(BackendKind::Vublk)
-            }
-
-            #[test]
-            fn qsd() {
-                super::$scenario(BackendKind::Qsd)
-            }
-        }
-    )*};
-}
-
-both_backends!(
+vublk_tests::both_backends!(
     v3_512_byte_clusters,
     v2_512_byte_clusters,
     v3_4k_clusters_with_1_bit_refcounts,
