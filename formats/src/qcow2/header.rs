@@ -327,7 +327,7 @@ pub enum HeaderError {
     NoFeatureBitsInV2,
     #[error("the header would take {len} bytes, more than {max}")]
     SerializedTooLarge { len: u64, max: u64 },
-    #[error("unsupported qcow2 feature: {0}")]
+    #[error("unsupported qcow2 feature")]
     Unsupported(#[from] Unsupported),
 }
 
