@@ -45,6 +45,10 @@ const EXTRA_SLOTS: u32 = 2;
 /// Metadata loads one request may wait for before it fails: a request maps at most a few
 /// tables per layer, and a chain is at most 17 layers deep.
 const MAX_TABLE_LOADS_PER_REQUEST: u32 = 64;
+/// Bytes of buffers (O_DIRECT bounces, compressed clusters, tables) one queue may hold at once:
+/// a hostile guest reading 2 MiB compressed clusters with a full queue would otherwise make the
+/// worker allocate gigabytes.
+const MAX_BUFFER_BYTES_PER_QUEUE: u64 = 32 << 20;
 /// Pause after an unexpected io_uring_enter failure.
 const SUBMIT_ERROR_BACKOFF: std::time::Duration = std::time::Duration::from_millis(10);
 /// With at least this many requests in flight, the worker looks at the avail ring after each
@@ -188,6 +192,8 @@ pub fn spawn(
                 cqes: Vec::new(),
                 pieces: Vec::new(),
                 zero_buffer: None,
+                buffer_bytes: 0,
+                deferred: std::collections::VecDeque::new(),
                 signal: false,
                 broken: false,
             };
@@ -251,6 +257,10 @@ struct Worker {
     cqes: Vec<(u64, i32)>,
     pieces: Vec<Piece>,
     zero_buffer: Option<AlignedBuf>,
+    /// Bytes of op buffers held by requests in flight.
+    buffer_bytes: u64,
+    /// Requests popped and planned but waiting for buffer budget.
+    deferred: std::collections::VecDeque<InFlight>,
     /// The used ring changed since the last notification check.
     signal: bool,
     /// The avail ring was found corrupt: stop popping until the queue is set up again.
@@ -272,7 +282,7 @@ impl Worker {
                 (c.stop_requested, c.stopped, c.exit)
             };
             let stopping = stop_requested > stopped || exit;
-            if stopping && self.in_flight == 0 {
+            if stopping && self.in_flight == 0 && self.deferred.is_empty() {
                 let mut c = self
                     .shared
                     .control
@@ -303,6 +313,7 @@ impl Worker {
                 std::thread::sleep(SUBMIT_ERROR_BACKOFF);
             }
             self.reap();
+            self.launch_deferred();
             self.notify_guest();
         }
         log::debug!("queue {q}: worker exited");
@@ -580,6 +591,7 @@ impl Worker {
             written: 0,
             request: Some(req.op),
             loads: 0,
+            buffer_bytes: 0,
         };
         self.launch(inflight);
     }
@@ -618,6 +630,25 @@ impl Worker {
         if inflight.ops.is_empty() {
             return self.finish_now(inflight, VIRTIO_BLK_S_OK);
         }
+        // Buffers the worker allocates (bounces, compressed clusters, tables) are bounded per
+        // queue: a request that would pass the budget waits until earlier ones free theirs
+        // (one request alone may always run, so every request makes progress).
+        let need: u64 = inflight
+            .ops
+            .iter()
+            .filter_map(|op| op.bounce.as_ref())
+            .map(|b| b.len() as u64)
+            .sum();
+        if need > 0
+            && self.buffer_bytes > 0
+            && self.buffer_bytes + need > MAX_BUFFER_BYTES_PER_QUEUE
+        {
+            inflight.ops.clear();
+            self.deferred.push_back(inflight);
+            return;
+        }
+        self.buffer_bytes += need;
+        inflight.buffer_bytes = need;
         let slot = match self.free.pop() {
             Some(slot) => slot,
             None => {
@@ -631,6 +662,24 @@ impl Worker {
         self.in_flight += 1;
         for idx in 0..op_count {
             self.push_op(slot, idx);
+        }
+    }
+
+    /// Starts requests that waited for buffer budget, oldest first, while budget is free.
+    fn launch_deferred(&mut self) {
+        while self.buffer_bytes < MAX_BUFFER_BYTES_PER_QUEUE {
+            let Some(next) = self.deferred.pop_front() else {
+                return;
+            };
+            let waiting = self.deferred.len();
+            self.launch(next);
+            if self.deferred.len() > waiting {
+                // Deferred again: it goes back to the front and waits for more completions.
+                if let Some(back) = self.deferred.pop_back() {
+                    self.deferred.push_front(back);
+                }
+                return;
+            }
         }
     }
 
@@ -939,6 +988,8 @@ impl Worker {
         };
         self.free.push(slot);
         self.in_flight -= 1;
+        self.buffer_bytes -= done.buffer_bytes;
+        done.buffer_bytes = 0;
         // A table load: hand the bytes to the layer and plan the request again.
         let table = done.ops.first().and_then(|op| match op.purpose {
             Some(ReadPurpose::Table(load)) => Some(load),

@@ -102,6 +102,8 @@ pub struct InFlight {
     pub request: Option<crate::virtio_blk::request::Op>,
     /// Table loads so far: bounds the map/load loop.
     pub loads: u32,
+    /// Bytes of op buffers this request holds (counted against the queue's budget).
+    pub buffer_bytes: u64,
 }
 
 /// What to do after a completion.
