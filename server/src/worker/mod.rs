@@ -639,10 +639,7 @@ impl Worker {
             .filter_map(|op| op.bounce.as_ref())
             .map(|b| b.len() as u64)
             .sum();
-        if need > 0
-            && self.buffer_bytes > 0
-            && self.buffer_bytes + need > MAX_BUFFER_BYTES_PER_QUEUE
-        {
+        if !ops::admit_buffers(self.buffer_bytes, need, MAX_BUFFER_BYTES_PER_QUEUE) {
             inflight.ops.clear();
             self.deferred.push_back(inflight);
             return;

@@ -163,6 +163,12 @@ pub fn classify(op: &mut IoOp, res: i32, nonblock: bool) -> Next {
     }
 }
 
+/// Whether a request needing `need` bytes of buffers may start while `in_use` bytes are held:
+/// within `max`, or alone (so a request larger than the budget still makes progress).
+pub fn admit_buffers(in_use: u64, need: u64, max: u64) -> bool {
+    need == 0 || in_use == 0 || in_use.saturating_add(need) <= max
+}
+
 /// A zeroed heap buffer aligned to [`BUFFER_ALIGN`], for O_DIRECT bounces and zero writes.
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
@@ -265,6 +271,18 @@ mod tests {
             classify(&mut f, -libc::ENOSPC, false),
             Next::Failed(libc::ENOSPC)
         );
+    }
+
+    #[test]
+    fn buffer_budget_admits_within_max_or_alone() {
+        assert!(
+            admit_buffers(0, 100 << 20, 32 << 20),
+            "alone, even past the budget"
+        );
+        assert!(admit_buffers(16 << 20, 16 << 20, 32 << 20));
+        assert!(!admit_buffers(16 << 20, (16 << 20) + 1, 32 << 20));
+        assert!(admit_buffers(u64::MAX, 0, 32 << 20), "no buffers needed");
+        assert!(!admit_buffers(u64::MAX, 1, 32 << 20), "no overflow");
     }
 
     #[test]
