@@ -4,7 +4,10 @@
 //! (rotating the order every repetition), drives the same six workloads through the same
 //! `blkio` vhost-user-blk client, samples the daemon's CPU time from `/proc/<pid>/stat`, runs
 //! fio with io_uring on the file itself as the host ceiling, and prints medians across
-//! repetitions as markdown (optionally every raw sample as JSON). See `tests/bench/README.md`.
+//! repetitions as markdown (optionally every raw sample as JSON). With `--image-kind qcow2` or
+//! `qcow2-compressed` the daemons instead serve, read-only, a fully allocated qcow2 converted
+//! from the raw image (checked against it before the workloads), only the read workloads run,
+//! and fio still runs on the raw image as a reference. See `tests/bench/README.md`.
 //! The daemons are started through the test fixture ([`vublk_tests::daemon`]), so the command
 //! lines are exactly those the tests use.
 //!
@@ -29,6 +32,7 @@ mod sample;
 mod workload;
 
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -40,11 +44,12 @@ use nix::unistd::Pid;
 use serde_json::json;
 use vublk_tests::daemon::{target_dir, BackendKind, Daemon, DiskOptions};
 
-use crate::args::{Backend, Options, Parsed};
+use crate::args::{Backend, ImageKind, Options, Parsed};
 use crate::client::{Client, Timing};
 use crate::cpu::CpuClock;
+use crate::image::{Fill, Qcow2Image};
 use crate::report::{Record, Results};
-use crate::workload::Workload;
+use crate::workload::{Offsets, Op, Pattern, Workload};
 
 /// qemu-storage-daemon, as the fixture runs it.
 const QSD_BIN: &str = "/usr/bin/qemu-storage-daemon";
@@ -53,6 +58,24 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const STOP_POLL: Duration = Duration::from_millis(10);
 /// Bytes of a daemon's log quoted in an error message.
 const LOG_TAIL_BYTES: usize = 2000;
+/// vublk's L2 table cache per qcow2 layer (`formats/src/qcow2/cache.rs`,
+/// `DEFAULT_L2_CACHE_BYTES`; this crate does not depend on `vublk-formats`).
+const VUBLK_L2_CACHE_BYTES: u64 = 32 << 20;
+/// Reads of each size compared with the raw image before the workloads on a qcow2 kind.
+const VERIFY_READS: u64 = 32;
+/// Their sizes: within one 64 KiB cluster, and across two. The names seed their offsets.
+const VERIFY_SIZES: [(&str, u64); 2] = [("verify-4k", 4096), ("verify-128k", 128 * 1024)];
+
+/// The image of a run: what the daemons serve, and the raw file fio (and the data check) read.
+struct Target {
+    kind: ImageKind,
+    /// The file the daemons serve: `raw` itself, or the qcow2 converted from it.
+    served: PathBuf,
+    raw: PathBuf,
+    /// Disk size in bytes (the raw file's, the qcow2's virtual size).
+    size: u64,
+    qcow2: Option<Qcow2Image>,
+}
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().collect();
@@ -119,10 +142,40 @@ fn run(opts: &Options, argv: &[String]) -> Result<()> {
         Some(p) => p.clone(),
         None => workdir_path.join("disk.raw"),
     };
-    let size = image::prepare(&image, opts.size)?;
+    let fill = match opts.image_kind {
+        ImageKind::Qcow2Compressed => Fill::Compressible,
+        ImageKind::Raw | ImageKind::Qcow2 => Fill::Random,
+    };
+    let size = image::prepare(&image, opts.size, fill)?;
     let image = image
         .canonicalize()
         .with_context(|| format!("resolving {}", image.display()))?;
+    let target = if opts.image_kind.is_qcow2() {
+        let qcow2_path = workdir_path.join("disk.qcow2");
+        let compress = opts.image_kind == ImageKind::Qcow2Compressed;
+        let qcow2 = image::convert_qcow2(&image, &qcow2_path, compress)?;
+        ensure!(
+            qcow2.virtual_size == size,
+            "{} has a virtual size of {} bytes, its source {size}",
+            qcow2_path.display(),
+            qcow2.virtual_size
+        );
+        Target {
+            kind: opts.image_kind,
+            served: qcow2_path,
+            raw: image,
+            size,
+            qcow2: Some(qcow2),
+        }
+    } else {
+        Target {
+            kind: ImageKind::Raw,
+            served: image.clone(),
+            raw: image,
+            size,
+            qcow2: None,
+        }
+    };
 
     let timing = Timing {
         warmup: opts.warmup,
@@ -145,9 +198,9 @@ fn run(opts: &Options, argv: &[String]) -> Result<()> {
         orders.push(order.iter().map(|b| b.name()).collect::<Vec<_>>().join(","));
         for backend in order {
             let records = match backend {
-                Backend::Host => run_host(opts, &image, size, timing, rep),
+                Backend::Host => run_host(opts, &target.raw, size, timing, rep),
                 Backend::Vublk | Backend::Qsd => {
-                    run_daemon(opts, backend, &image, size, timing, rep, &workdir_path).map(
+                    run_daemon(opts, backend, &target, timing, rep, &workdir_path).map(
                         |(records, cmd)| {
                             results.daemon_commands.insert(backend.name(), cmd);
                             records
@@ -181,11 +234,57 @@ fn run(opts: &Options, argv: &[String]) -> Result<()> {
         opts.seconds.as_secs_f64(),
         opts.warmup.as_secs_f64()
     );
-    println!(
-        "- image: {} ({} MiB raw, O_DIRECT, 1 queue)",
-        image.display(),
-        size >> 20
-    );
+    match &target.qcow2 {
+        None => println!(
+            "- image: {} ({} MiB raw, O_DIRECT, 1 queue)",
+            target.served.display(),
+            size >> 20
+        ),
+        Some(q) => {
+            println!(
+                "- image kind: {}, served read-only by both daemons (vublk `--format qcow2 \
+                 --read-only`, QSD qcow2 node and export read-only), O_DIRECT, 1 queue",
+                target.kind.name()
+            );
+            println!(
+                "- image: {} ({} MiB virtual, {} KiB clusters, {}/{} clusters allocated, {} \
+                 compressed, file {:.1} MiB = {:.1} % of the raw size), made by `{}`",
+                target.served.display(),
+                size >> 20,
+                q.cluster_size >> 10,
+                q.allocated_clusters,
+                q.total_clusters,
+                q.compressed_clusters,
+                q.file_bytes as f64 / f64::from(1 << 20),
+                q.file_bytes as f64 * 100.0 / size as f64,
+                q.command
+            );
+            let l2 = q.l2_metadata_bytes();
+            let qsd_l2 = q.qemu_default_l2_cache_bytes();
+            let coverage = match (l2 <= VUBLK_L2_CACHE_BYTES, l2 <= qsd_l2) {
+                (true, true) => "Both hold every L2 table of this image once warm",
+                (true, false) => "vublk holds every L2 table of this image once warm, QSD not",
+                (false, true) => "QSD holds every L2 table of this image once warm, vublk not",
+                (false, false) => "Neither holds every L2 table of this image",
+            };
+            println!(
+                "- qcow2 metadata cache: the image has {} KiB of L2 tables. vublk caches up \
+                 to {} MiB of L2 tables per layer; QSD runs with QEMU's defaults (no cache \
+                 options given): l2-cache-size = min(32 MiB, all L2 tables of the image) on \
+                 Linux = {} KiB here, l2-cache-entry-size = cluster size, \
+                 refcount-cache-size = 4 clusters, cache-clean-interval = 600 s. {coverage}",
+                l2 >> 10,
+                VUBLK_L2_CACHE_BYTES >> 20,
+                qsd_l2 >> 10
+            );
+            if opts.backends.iter().any(|&b| b != Backend::Host) {
+                println!(
+                    "- data check: before the workloads, {VERIFY_READS} reads of 4 KiB and \
+                     {VERIFY_READS} of 128 KiB through each daemon matched the raw image"
+                );
+            }
+        }
+    }
     println!("- backend order per rep: {}", orders.join(" / "));
     println!("- machine: {cpus} CPUs, Linux {kernel}, load average at start {load_at_start}");
     if let Some(v) = &qsd_version {
@@ -198,11 +297,20 @@ fn run(opts: &Options, argv: &[String]) -> Result<()> {
         println!("- vublk: {}", b.display());
     }
     println!();
-    print!("{}", results.markdown(&opts.workloads));
+    let host_on_raw = target.kind.is_qcow2();
+    print!("{}", results.markdown(&opts.workloads, host_on_raw));
     println!(
         "\nratio and % of host: median over reps of the per-rep ratio of IOPS; \
-         CPU µs/IO: daemon utime+stime over the measured interval / I/Os completed\n"
+         CPU µs/IO: daemon utime+stime over the measured interval / I/Os completed"
     );
+    if host_on_raw {
+        println!(
+            "\nhost = fio on the raw source image, not on the qcow2 file: a reference for \
+             what the storage does without qcow2 and without vhost-user, not a ceiling for \
+             this format"
+        );
+    }
+    println!();
     println!("### Detail\n");
     print!(
         "{}",
@@ -215,8 +323,21 @@ fn run(opts: &Options, argv: &[String]) -> Result<()> {
             "reps": opts.reps,
             "seconds": opts.seconds.as_secs_f64(),
             "warmup_s": opts.warmup.as_secs_f64(),
-            "image": image.display().to_string(),
+            "image": target.served.display().to_string(),
             "image_bytes": size,
+            "image_kind": target.kind.name(),
+            "raw_image": target.raw.display().to_string(),
+            "qcow2": target.qcow2.as_ref().map(|q| json!({
+                "command": q.command,
+                "cluster_size": q.cluster_size,
+                "total_clusters": q.total_clusters,
+                "allocated_clusters": q.allocated_clusters,
+                "compressed_clusters": q.compressed_clusters,
+                "file_bytes": q.file_bytes,
+                "l2_metadata_bytes": q.l2_metadata_bytes(),
+                "vublk_l2_cache_max_bytes": VUBLK_L2_CACHE_BYTES,
+                "qsd_default_l2_cache_bytes": q.qemu_default_l2_cache_bytes(),
+            })),
             "backends": opts.backends.iter().map(|b| b.name()).collect::<Vec<_>>(),
             "workloads": opts.workloads.iter().map(|w| json!({
                 "name": w.name,
@@ -268,8 +389,7 @@ fn run_host(
 fn run_daemon(
     opts: &Options,
     backend: Backend,
-    image: &Path,
-    size: u64,
+    target: &Target,
     timing: Timing,
     rep: u32,
     workdir: &Path,
@@ -284,7 +404,14 @@ fn run_daemon(
     let disk = DiskOptions {
         direct: true,
         num_queues: 1,
-        ..DiskOptions::raw(image)
+        format: if target.kind.is_qcow2() {
+            "qcow2"
+        } else {
+            "raw"
+        }
+        .to_string(),
+        read_only: target.kind.is_qcow2(),
+        ..DiskOptions::raw(&target.served)
     };
     let mut cmd = Daemon::command(kind, &disk, &socket);
     let cmdline = format!("{cmd:?}");
@@ -294,7 +421,7 @@ fn run_daemon(
     let mut daemon = Daemon::spawn(kind, &mut cmd, &socket)
         .with_context(|| format!("starting {cmdline}{}", log_tail(&log_path)))?;
 
-    let outcome = drive(opts, backend, &mut daemon, size, timing, rep);
+    let outcome = drive(opts, backend, &mut daemon, target, timing, rep);
     match outcome {
         Ok(records) => {
             stop(daemon).with_context(|| format!("stopping it{}", log_tail(&log_path)))?;
@@ -314,28 +441,45 @@ fn run_daemon(
     }
 }
 
-/// Connects the blkio client to a started daemon and runs every workload.
+/// Connects the blkio client to a started daemon and runs every workload (for a qcow2 kind,
+/// after checking some data against the raw image).
 fn drive(
     opts: &Options,
     backend: Backend,
     daemon: &mut Daemon,
-    size: u64,
+    target: &Target,
     timing: Timing,
     rep: u32,
 ) -> Result<Vec<Record>> {
+    let size = target.size;
     let cpu = CpuClock::new(daemon.pid())?;
     let max_bytes = opts
         .workloads
         .iter()
         .map(|w| w.queue_depth * usize::try_from(w.block_size).unwrap_or(usize::MAX))
+        .chain(
+            VERIFY_SIZES
+                .iter()
+                .filter(|_| target.kind.is_qcow2())
+                .map(|&(_, bs)| usize::try_from(bs).unwrap_or(usize::MAX)),
+        )
         .max()
         .unwrap_or(0);
-    let mut client = Client::connect(&daemon.socket, max_bytes)?;
+    let mut client = Client::connect(&daemon.socket, target.kind.is_qcow2(), max_bytes)?;
     ensure!(
         client.capacity() == size,
         "backend reports a capacity of {} bytes, the image has {size}",
         client.capacity()
     );
+    if target.kind.is_qcow2() {
+        let mut alive = || match daemon.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => bail!("the daemon exited: {status}"),
+            Err(e) => Err(e).context("checking on the daemon"),
+        };
+        verify_data(&mut client, &target.raw, &mut alive)
+            .context("checking the served data against the raw image")?;
+    }
     let mut records = Vec::new();
     for w in &opts.workloads {
         if let Some(status) = daemon.child.try_wait()? {
@@ -358,6 +502,44 @@ fn drive(
         });
     }
     Ok(records)
+}
+
+/// Reads [`VERIFY_READS`] random 4 KiB blocks and as many 128 KiB blocks (which span two
+/// 64 KiB clusters) through the backend and compares them with the raw image, so a backend
+/// that is fast because it returns the wrong data cannot go unnoticed.
+fn verify_data(
+    client: &mut Client,
+    raw: &Path,
+    alive: &mut dyn FnMut() -> Result<()>,
+) -> Result<()> {
+    let file = File::open(raw).with_context(|| format!("opening {}", raw.display()))?;
+    for (name, block_size) in VERIFY_SIZES {
+        let check = Workload {
+            name,
+            op: Op::Read,
+            pattern: Pattern::Random,
+            block_size,
+            queue_depth: 1,
+        };
+        let mut offsets = Offsets::new(&check, client.capacity())?;
+        let len = usize::try_from(check.block_size)?;
+        let mut expected = vec![0u8; len];
+        for _ in 0..VERIFY_READS {
+            let offset = offsets.next_offset();
+            let got = client.read_at(offset, len, alive)?;
+            file.read_exact_at(&mut expected, offset)
+                .with_context(|| format!("reading {} at {offset}", raw.display()))?;
+            if let Some(i) = got.iter().zip(&expected).position(|(a, b)| a != b) {
+                bail!(
+                    "{len}-byte read at {offset}: byte {} is {:#04x}, the raw image has {:#04x}",
+                    offset + i as u64,
+                    got[i],
+                    expected[i]
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Sends SIGTERM and waits for a clean exit (status 0, or killed by that SIGTERM).
@@ -529,6 +711,38 @@ mod tests {
                 vec![Backend::Vublk, Backend::Qsd],
             ]
         );
+    }
+
+    #[test]
+    fn qcow2_kinds_default_to_the_read_workloads() {
+        let argv = ["--image-kind", "qcow2-compressed"].map(String::from);
+
+        let Parsed::Run(opts) = args::parse(argv).unwrap() else {
+            panic!("expected options");
+        };
+
+        let names: Vec<&str> = opts.workloads.iter().map(|w| w.name).collect();
+        assert_eq!(
+            (opts.image_kind, names),
+            (
+                ImageKind::Qcow2Compressed,
+                vec!["randread-4k-qd1", "randread-4k-qd32", "read-128k-qd8"]
+            )
+        );
+    }
+
+    #[test]
+    fn qcow2_kinds_refuse_write_workloads() {
+        let argv = [
+            "--image-kind=qcow2",
+            "--workloads",
+            "randread-4k-qd1,write-128k-qd8",
+        ]
+        .map(String::from);
+
+        let err = args::parse(argv).err().expect("write workload accepted");
+
+        assert!(err.to_string().contains("write-128k-qd8"), "{err}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::workload::Workload;
+use crate::workload::{Op, Workload};
 
 /// Repetitions when neither `--reps` nor `--quick` is given.
 const DEFAULT_REPS: u32 = 5;
@@ -31,7 +31,7 @@ const MAX_REPS: u32 = 100;
 const MAX_SECONDS: f64 = 3600.0;
 
 pub const HELP: &str = "\
-vublk-bench: compare vublk with qemu-storage-daemon (and the host ceiling, fio) on a raw image
+vublk-bench: compare vublk with qemu-storage-daemon (and the host ceiling, fio) on one image
 
 USAGE:
     vublk-bench [OPTIONS]
@@ -39,13 +39,23 @@ USAGE:
 OPTIONS:
     --backends LIST     comma-separated subset of vublk,qsd,host [default: vublk,qsd,host]
                         (host = fio with ioengine=io_uring, direct=1 on the same file)
-    --workloads LIST    comma-separated subset of the workloads below [default: all]
+    --workloads LIST    comma-separated subset of the workloads below [default: all; the
+                        read workloads for a qcow2 --image-kind]
+    --image-kind KIND   what the daemons serve [default: raw]:
+                          raw               the raw image, read-write
+                          qcow2             a fully allocated qcow2 (64 KiB clusters) converted
+                                            from the raw image, served read-only
+                          qcow2-compressed  the same with every cluster zlib-compressed, from a
+                                            compressible raw image, served read-only
+                        host (fio) always runs on the raw image, as a reference
     --reps N            repetitions; backends run in rotated order each rep [default: 5]
     --seconds S         measured seconds per workload [default: 4]
     --warmup S          warm-up seconds before each measured interval [default: 1]
     --quick             1 rep, 3 s, 0.5 s warm-up (explicit --reps/--seconds/--warmup win)
     --image PATH        raw image to use; created fully written if missing, kept afterwards.
-                        Its contents are OVERWRITTEN by the write workloads.
+                        Its contents are OVERWRITTEN by the write workloads. With a qcow2
+                        --image-kind it is the source of the qcow2 file (made afresh in the work
+                        directory each run) and only read.
     --size-mib N        size of a created image in MiB [default: 1024]
     --dir DIR           work directory (image, sockets, daemon logs) is a fresh temporary
                         directory inside DIR, removed at exit [default: target/vublk-bench]
@@ -89,11 +99,50 @@ impl Backend {
     }
 }
 
+/// What the daemons serve. The benchmark always creates (or is given) a raw image; the qcow2
+/// kinds are converted from it and served read-only (vublk does not write qcow2 yet).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageKind {
+    /// The raw image itself, read-write: all six workloads.
+    Raw,
+    /// A qcow2 image with every cluster allocated and uncompressed.
+    Qcow2,
+    /// A qcow2 image with every cluster zlib-compressed.
+    Qcow2Compressed,
+}
+
+impl ImageKind {
+    pub const ALL: [ImageKind; 3] = [ImageKind::Raw, ImageKind::Qcow2, ImageKind::Qcow2Compressed];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageKind::Raw => "raw",
+            ImageKind::Qcow2 => "qcow2",
+            ImageKind::Qcow2Compressed => "qcow2-compressed",
+        }
+    }
+
+    /// Whether the daemons serve a qcow2 file (read-only) rather than the raw image.
+    pub fn is_qcow2(self) -> bool {
+        self != ImageKind::Raw
+    }
+
+    fn parse(s: &str) -> Result<ImageKind> {
+        ImageKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .with_context(|| {
+                format!("unknown image kind {s:?} (expected raw, qcow2 or qcow2-compressed)")
+            })
+    }
+}
+
 /// Validated options of one run.
 #[derive(Clone, Debug)]
 pub struct Options {
     pub backends: Vec<Backend>,
     pub workloads: Vec<Workload>,
+    pub image_kind: ImageKind,
     pub reps: u32,
     pub seconds: Duration,
     pub warmup: Duration,
@@ -115,6 +164,7 @@ pub enum Parsed {
 pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed> {
     let mut backends = None;
     let mut workloads = None;
+    let mut image_kind = ImageKind::Raw;
     let mut reps = None;
     let mut seconds = None;
     let mut warmup = None;
@@ -145,6 +195,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed> {
             "--quick" => quick = true,
             "--backends" => backends = Some(parse_list(&value()?, Backend::parse)?),
             "--workloads" => workloads = Some(parse_list(&value()?, Workload::parse)?),
+            "--image-kind" => image_kind = ImageKind::parse(&value()?)?,
             "--reps" => reps = Some(parse_num::<u32>("--reps", &value()?)?),
             "--seconds" => seconds = Some(parse_num::<f64>("--seconds", &value()?)?),
             "--warmup" => warmup = Some(parse_num::<f64>("--warmup", &value()?)?),
@@ -179,9 +230,31 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed> {
         .filter(|&s| s > 0)
         .with_context(|| format!("--size-mib {size_mib} is zero or too large"))?;
 
+    let workloads = dedup(workloads.unwrap_or_else(|| {
+        Workload::ALL
+            .into_iter()
+            .filter(|w| !image_kind.is_qcow2() || w.op == Op::Read)
+            .collect()
+    }));
+    if image_kind.is_qcow2() {
+        let writes: Vec<&str> = workloads
+            .iter()
+            .filter(|w| w.op == Op::Write)
+            .map(|w| w.name)
+            .collect();
+        if !writes.is_empty() {
+            bail!(
+                "--image-kind {} is served read-only: drop {} from --workloads",
+                image_kind.name(),
+                writes.join(", ")
+            );
+        }
+    }
+
     Ok(Parsed::Run(Box::new(Options {
         backends: dedup(backends.unwrap_or_else(|| Backend::ALL.to_vec())),
-        workloads: dedup(workloads.unwrap_or_else(|| Workload::ALL.to_vec())),
+        workloads,
+        image_kind,
         reps,
         seconds: Duration::from_secs_f64(seconds),
         warmup: Duration::from_secs_f64(warmup),

@@ -52,13 +52,14 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to the vhost-user-blk socket, starts one queue and maps a buffer region large
+    /// Connects to the vhost-user-blk socket (read-only if `read_only`: a read-only backend
+    /// refuses a read-write connection), starts one queue and maps a buffer region large
     /// enough for `max_in_flight_bytes`.
-    pub fn connect(socket: &Path, max_in_flight_bytes: usize) -> Result<Client> {
+    pub fn connect(socket: &Path, read_only: bool, max_in_flight_bytes: usize) -> Result<Client> {
         let path = socket
             .to_str()
             .with_context(|| format!("socket path {} is not UTF-8", socket.display()))?;
-        let mut blkio = connect_with_retry(path)?;
+        let mut blkio = connect_with_retry(path, read_only)?;
         blkio
             .set_i32("num-queues", 1)
             .context("blkio: setting num-queues=1")?;
@@ -113,6 +114,46 @@ impl Client {
             .min()
             .unwrap_or(0);
         Ok(u64::try_from(limit)?)
+    }
+
+    /// Reads `len` bytes at `offset` through the backend, as one request outside any workload
+    /// (to check that the backend serves the expected data).
+    pub fn read_at(
+        &mut self,
+        offset: u64,
+        len: usize,
+        alive: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Vec<u8>> {
+        ensure!(
+            len <= self.region.len,
+            "a {len}-byte read does not fit the {}-byte buffer region",
+            self.region.len
+        );
+        let mut completions = [MaybeUninit::uninit()];
+        self.submit(Op::Read, 0, offset, len);
+        let n = self.wait(&mut completions, alive)?;
+        ensure!(n == 1, "expected one completion, got {n}");
+        // SAFETY: do_io returned 1 and initialised that many elements (see `run`).
+        let c = unsafe { completions[0].assume_init_ref() };
+        ensure!(
+            c.user_data == 0,
+            "completion for unknown request {}",
+            c.user_data
+        );
+        if c.ret != 0 {
+            bail!(
+                "read of {len} bytes at {offset} failed: {}",
+                std::io::Error::from_raw_os_error(-c.ret)
+            );
+        }
+        // SAFETY: the region is a live mapping of `region.len >= len` bytes at `region.addr`
+        // until the `Blkio` drops (not before `self` does); the only request was completed, so
+        // the backend no longer writes to it while this slice exists.
+        let buf = unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, len) };
+        let data = buf.to_vec();
+        // Restore the write pattern the region holds between requests.
+        buf.fill(WRITE_PATTERN);
+        Ok(data)
     }
 
     /// Runs `workload` for `timing.warmup` then measures it for `timing.measure`, keeping
@@ -258,11 +299,14 @@ impl Client {
 
 /// Creates and connects a blkio instance, retrying while the socket refuses connections (the
 /// daemon has created it but not yet called `listen()`).
-fn connect_with_retry(path: &str) -> Result<Blkio> {
+fn connect_with_retry(path: &str, read_only: bool) -> Result<Blkio> {
     let deadline = Instant::now() + CONNECT_TIMEOUT;
     loop {
         let mut blkio = Blkio::new("virtio-blk-vhost-user").context("blkio: new")?;
         blkio.set_str("path", path).context("blkio: setting path")?;
+        blkio
+            .set_bool("read-only", read_only)
+            .context("blkio: setting read-only")?;
         match blkio.connect() {
             Ok(()) => return Ok(blkio),
             Err(e)

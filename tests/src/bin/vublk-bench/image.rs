@@ -1,15 +1,26 @@
-//! The raw image every backend serves: created fully written (not sparse), or checked if given.
+//! The image every backend serves: a raw file created fully written (not sparse), or checked if
+//! given, and for the qcow2 image kinds a fully allocated qcow2 converted from it.
 //!
 //! Reads of a hole or of an unwritten extent never reach the disk, so a benchmark on a sparse
-//! file would measure the filesystem, not the I/O path. This module only writes and inspects
-//! that file; it does not know who reads it.
+//! file would measure the filesystem, not the I/O path; likewise every cluster of a qcow2 image
+//! is allocated, so no read is answered from metadata alone. This module only writes and
+//! inspects those files (through `qemu-img` for qcow2); it does not know who reads them.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+
+/// qemu-img, from the same QEMU as the qemu-storage-daemon the fixture runs.
+pub const QEMU_IMG: &str = "/usr/bin/qemu-img";
+/// Cluster size of the converted qcow2 images: QEMU's default, and the common one in practice.
+pub const QCOW2_CLUSTER_SIZE: u64 = 64 * 1024;
+/// Bytes of one qcow2 L2 entry (no extended L2).
+const L2_ENTRY_BYTES: u64 = 8;
 
 /// Chunk written at a time while filling a new image.
 const FILL_CHUNK: usize = 1 << 20;
@@ -19,12 +30,22 @@ pub const SIZE_ALIGNMENT: u64 = 128 * 1024;
 /// `st_blocks` counts 512-byte units (stat(2)).
 const STAT_BLOCK: u64 = 512;
 
-/// Returns the size of the image at `path`, creating it fully written with `size` bytes if it
-/// does not exist. An existing image must be a regular, non-sparse file of a size aligned to
-/// [`SIZE_ALIGNMENT`].
-pub fn prepare(path: &Path, size: u64) -> Result<u64> {
+/// What a created raw image is filled with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fill {
+    /// Pseudo-random 64-bit words: no zero cluster, and incompressible.
+    Random,
+    /// Pseudo-random but compressible data (see [`fill_compressible`]): no zero cluster, and
+    /// zlib stores a 64 KiB cluster in under a third of its size.
+    Compressible,
+}
+
+/// Returns the size of the image at `path`, creating it fully written with `size` bytes of
+/// `fill` if it does not exist. An existing image must be a regular, non-sparse file of a size
+/// aligned to [`SIZE_ALIGNMENT`]; its contents are used as they are.
+pub fn prepare(path: &Path, size: u64, fill: Fill) -> Result<u64> {
     if !path.exists() {
-        create(path, size)?;
+        create(path, size, fill)?;
     }
     let meta = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
     ensure!(
@@ -51,39 +72,46 @@ pub fn prepare(path: &Path, size: u64) -> Result<u64> {
 
 /// Writes `size` bytes of non-zero data to a new file and syncs it; removes the partial file if
 /// filling it fails.
-fn create(path: &Path, size: u64) -> Result<()> {
+fn create(path: &Path, size: u64, fill: Fill) -> Result<()> {
     ensure!(
         size % SIZE_ALIGNMENT == 0,
         "image size {size} is not a multiple of {SIZE_ALIGNMENT}"
     );
     eprintln!(
-        "creating {} ({} MiB, fully written)...",
+        "creating {} ({} MiB, fully written, {})...",
         path.display(),
-        size >> 20
+        size >> 20,
+        match fill {
+            Fill::Random => "random data",
+            Fill::Compressible => "compressible data",
+        }
     );
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(path)
         .with_context(|| format!("creating {}", path.display()))?;
-    let result = fill(file, size).with_context(|| format!("filling {}", path.display()));
+    let result =
+        write_fill(file, size, fill).with_context(|| format!("filling {}", path.display()));
     if result.is_err() {
         let _ = std::fs::remove_file(path);
     }
     result
 }
 
-fn fill(mut file: File, size: u64) -> Result<()> {
+fn write_fill(mut file: File, size: u64, fill: Fill) -> Result<()> {
     let mut chunk = vec![0u8; FILL_CHUNK];
     let mut state = 0x243f_6a88_85a3_08d3_u64;
     let mut written = 0u64;
     while written < size {
-        // A cheap xorshift fill: non-zero, not trivially compressible, different per chunk.
-        for word in chunk.chunks_exact_mut(8) {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            word.copy_from_slice(&state.to_le_bytes());
+        match fill {
+            // A cheap xorshift fill: non-zero, not trivially compressible, different per chunk.
+            Fill::Random => {
+                for word in chunk.chunks_exact_mut(8) {
+                    word.copy_from_slice(&xorshift(&mut state).to_le_bytes());
+                }
+            }
+            Fill::Compressible => fill_compressible(&mut chunk, &mut state),
         }
         let n = usize::try_from((size - written).min(FILL_CHUNK as u64))?;
         file.write_all(&chunk[..n])?;
@@ -91,4 +119,164 @@ fn fill(mut file: File, size: u64) -> Result<()> {
     }
     file.sync_all()?;
     Ok(())
+}
+
+fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+/// Bytes of each half of a [`Fill::Compressible`] block.
+const COMPRESSIBLE_HALF: usize = 2048;
+
+/// Fills `chunk` (a multiple of 4 KiB) with compressible data: in each 4 KiB block, the first
+/// half is random characters from a 16-letter alphabet (`'@'..='O'`, 4 bits of entropy per
+/// byte: Huffman coding's share of the work) and the second half repeats the first (a match
+/// 2 KiB back: LZ77's share). Never zero, different in every block.
+fn fill_compressible(chunk: &mut [u8], state: &mut u64) {
+    for block in chunk.chunks_exact_mut(2 * COMPRESSIBLE_HALF) {
+        let (first, second) = block.split_at_mut(COMPRESSIBLE_HALF);
+        for bytes in first.chunks_exact_mut(16) {
+            let word = xorshift(state).to_le_bytes();
+            for (pair, r) in bytes.chunks_exact_mut(2).zip(word) {
+                pair[0] = 0x40 | (r & 0xf);
+                pair[1] = 0x40 | (r >> 4);
+            }
+        }
+        second.copy_from_slice(first);
+    }
+}
+
+/// A qcow2 image converted from the raw image, as `qemu-img check` and `info` describe it.
+#[derive(Clone, Debug)]
+pub struct Qcow2Image {
+    /// The `qemu-img convert` command line that made it.
+    pub command: String,
+    pub virtual_size: u64,
+    pub cluster_size: u64,
+    pub total_clusters: u64,
+    pub allocated_clusters: u64,
+    pub compressed_clusters: u64,
+    /// Size of the qcow2 file.
+    pub file_bytes: u64,
+}
+
+impl Qcow2Image {
+    /// Bytes of L2 tables needed to map the whole image (whole tables, one cluster each).
+    pub fn l2_metadata_bytes(&self) -> u64 {
+        (self.total_clusters * L2_ENTRY_BYTES).next_multiple_of(self.cluster_size)
+    }
+
+    /// QEMU's default qcow2 `l2-cache-size` for this image on Linux (block/qcow2.c
+    /// `read_cache_sizes`: `MIN(max_l2_cache, DEFAULT_L2_CACHE_MAX_SIZE)`, the latter 32 MiB
+    /// with CONFIG_LINUX since QEMU 3.1): just enough to map the whole image, at most 32 MiB.
+    pub fn qemu_default_l2_cache_bytes(&self) -> u64 {
+        self.l2_metadata_bytes().min(32 << 20)
+    }
+}
+
+/// Converts `raw` into a new qcow2 file `dst` with [`QCOW2_CLUSTER_SIZE`] clusters, every one
+/// allocated (`-S 0`: no zero detection) and, if `compress`, zlib-compressed (`-c`); syncs it
+/// and checks with `qemu-img check` that every cluster is allocated.
+pub fn convert_qcow2(raw: &Path, dst: &Path, compress: bool) -> Result<Qcow2Image> {
+    let mut cmd = Command::new(QEMU_IMG);
+    cmd.args(["convert", "-f", "raw", "-O", "qcow2", "-S", "0"]);
+    let mut opts = format!("cluster_size={QCOW2_CLUSTER_SIZE}");
+    if compress {
+        cmd.arg("-c");
+        opts.push_str(",compression_type=zlib");
+    }
+    cmd.arg("-o").arg(opts).arg(raw).arg(dst);
+    let command = format!("{cmd:?}").replace('"', "");
+    eprintln!("converting: {command}...");
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {QEMU_IMG} (Debian: qemu-utils)"))?;
+    ensure!(
+        out.status.success(),
+        "qemu-img convert failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    File::open(dst)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", dst.display()))?;
+
+    let check = qemu_img_json(&["check", "--output=json"], dst)?;
+    let info = qemu_img_json(&["info", "--output=json"], dst)?;
+    let num = |v: &Value, key: &str| -> Result<u64> {
+        v.get(key)
+            .and_then(Value::as_u64)
+            .with_context(|| format!("qemu-img output has no number {key:?}"))
+    };
+    let image = Qcow2Image {
+        command,
+        virtual_size: num(&info, "virtual-size")?,
+        cluster_size: num(&info, "cluster-size")?,
+        total_clusters: num(&check, "total-clusters")?,
+        allocated_clusters: num(&check, "allocated-clusters")?,
+        compressed_clusters: num(&check, "compressed-clusters").unwrap_or(0),
+        file_bytes: std::fs::metadata(dst)?.len(),
+    };
+    ensure!(
+        image.cluster_size == QCOW2_CLUSTER_SIZE,
+        "{} has {}-byte clusters, asked for {QCOW2_CLUSTER_SIZE}",
+        dst.display(),
+        image.cluster_size
+    );
+    ensure!(
+        image.total_clusters > 0 && image.allocated_clusters == image.total_clusters,
+        "{}: only {} of {} clusters are allocated",
+        dst.display(),
+        image.allocated_clusters,
+        image.total_clusters
+    );
+    if compress {
+        ensure!(
+            image.compressed_clusters > 0,
+            "{}: no cluster was stored compressed (is {} compressible?)",
+            dst.display(),
+            raw.display()
+        );
+    }
+    Ok(image)
+}
+
+/// Runs `qemu-img ARGS FILE` and parses its JSON output.
+fn qemu_img_json(args: &[&str], file: &Path) -> Result<Value> {
+    let out = Command::new(QEMU_IMG)
+        .args(args)
+        .arg(file)
+        .output()
+        .with_context(|| format!("running {QEMU_IMG}"))?;
+    ensure!(
+        out.status.success(),
+        "qemu-img {} {} failed ({}): {}",
+        args.join(" "),
+        file.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("qemu-img {}: output is not JSON", args.join(" ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compressible_fill_is_nonzero_and_repeats_each_half_block() {
+        let mut chunk = vec![0u8; 8192];
+        let mut state = 1;
+
+        fill_compressible(&mut chunk, &mut state);
+
+        assert!(chunk.iter().all(|&b| (0x40..=0x4f).contains(&b)));
+        assert_eq!(chunk[..2048], chunk[2048..4096]);
+        assert_eq!(chunk[4096..6144], chunk[6144..]);
+        assert_ne!(chunk[..2048], chunk[4096..6144]);
+    }
 }

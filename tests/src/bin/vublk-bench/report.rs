@@ -78,14 +78,22 @@ impl Results {
         median(&values)
     }
 
-    /// The main table, one row per workload, in the format the README explains.
-    pub fn markdown(&self, workloads: &[Workload]) -> String {
+    /// The main table, one row per workload, in the format the README explains. With
+    /// `host_on_raw` the daemons served a qcow2 image and the host columns, fio on the raw
+    /// source image, are labelled as such.
+    pub fn markdown(&self, workloads: &[Workload], host_on_raw: bool) -> String {
         use Backend::{Host, Qsd, Vublk};
+        let (host_iops, host_pct) = if host_on_raw {
+            ("host fio IOPS (raw file)", "vublk % of host (raw)")
+        } else {
+            ("host fio IOPS", "vublk % of host")
+        };
         let mut out = String::new();
-        out.push_str(
+        let _ = writeln!(
+            out,
             "| workload | vublk IOPS | QSD IOPS | ratio vublk/QSD | vublk MB/s | QSD MB/s \
-             | vublk lat µs | QSD lat µs | vublk CPU µs/IO | QSD CPU µs/IO | host fio IOPS \
-             | vublk % of host |\n",
+             | vublk lat µs | QSD lat µs | vublk CPU µs/IO | QSD CPU µs/IO | {host_iops} \
+             | {host_pct} |",
         );
         out.push_str("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
         for w in workloads {
