@@ -28,7 +28,8 @@ pub enum DecompressError {
     Unsupported(u8),
 }
 
-/// Fills `out` (one cluster) from the compressed bytes in `input`.
+/// Fills `out` from the start of the cluster the compressed bytes in `input` hold: a whole
+/// cluster, or only its first `out.len()` bytes when that is all a read needs.
 pub fn decompress_cluster(
     algorithm: CompressionType,
     input: &[u8],

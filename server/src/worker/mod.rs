@@ -1048,13 +1048,16 @@ fn deliver_compressed(mem: &GuestMemoryMmap, op: &IoOp) -> Result<(), String> {
         .as_slice()
         .get(from..to)
         .ok_or("compressed bytes outside the read buffer")?;
-    let mut cluster = vec![0u8; usize::try_from(cluster_size).map_err(|e| e.to_string())?];
-    decompress_cluster(algorithm, input, &mut cluster).map_err(|e| e.to_string())?;
     let skip = usize::try_from(cluster_skip).map_err(|e| e.to_string())?;
     let want = usize::try_from(segments_len(&op.guest)).map_err(|e| e.to_string())?;
-    let part = cluster
-        .get(skip..skip + want)
-        .ok_or("guest range outside the compressed cluster")?;
+    let cluster_size = usize::try_from(cluster_size).map_err(|e| e.to_string())?;
+    if skip + want > cluster_size {
+        return Err("guest range outside the compressed cluster".into());
+    }
+    // Streams decompress front to back: stop at the end of the guest's part.
+    let mut prefix = vec![0u8; skip + want];
+    decompress_cluster(algorithm, input, &mut prefix).map_err(|e| e.to_string())?;
+    let part = &prefix[skip..];
     write_guest(mem, &op.guest, part).map_err(|e| e.to_string())
 }
 
