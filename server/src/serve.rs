@@ -25,6 +25,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let signal_fd =
         SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC).context("creating a signalfd")?;
 
+    // Before anything is opened or bound: without io_uring there is nothing to serve with.
+    io_uring_probe()?;
     let disk = Arc::new(Disk::open(&config.disk, &config.device)?);
     let endpoint = Endpoint::prepare(&config.device.socket)?;
     log::info!(
@@ -40,7 +42,6 @@ pub fn run(args: ServeArgs) -> Result<()> {
         config.device.num_queues,
         config.device.queue_size,
     );
-    io_uring_probe()?;
     if let Some(fd) = config.ready_fd {
         announce_ready(fd)?;
     }
