@@ -1941,3 +1941,20 @@ fn concurrent_reads_of_2mib_compressed_clusters_all_complete_correctly() {
         );
     }
 }
+
+#[test]
+fn clean_exit_removes_the_socket_vublk_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vu.sock");
+    let (mut daemon, _image) = spawn_vublk(&dir, &["--socket-path", path.to_str().unwrap()], &[]);
+    daemon.socket = path.clone();
+    daemon.wait_listening(REQUEST_TIMEOUT).unwrap();
+
+    let status = daemon.terminate().unwrap();
+
+    assert!(status.success());
+    assert!(
+        !path.exists(),
+        "the socket file should be gone after a clean exit"
+    );
+}

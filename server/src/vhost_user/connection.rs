@@ -60,7 +60,9 @@ pub enum ConnectionError {
 
 /// A prepared source of vhost-user connections.
 pub enum Endpoint {
-    Listener(UnixListener),
+    /// A listening socket, with the path vublk bound it to and that file's inode (removed again
+    /// on exit); `None` for an inherited listener, whose path belongs to the manager.
+    Listener(UnixListener, Option<(PathBuf, u64)>),
     /// An inherited, already connected socket: served once.
     Connected(Option<UnixStream>),
     Connect(PathBuf),
@@ -70,7 +72,17 @@ impl Endpoint {
     /// Binds, validates or records the socket; called during setup.
     pub fn prepare(socket: &VhostUserSocket) -> Result<Endpoint, ConnectionError> {
         match socket {
-            VhostUserSocket::Listen(path) => Ok(Endpoint::Listener(bind(path)?)),
+            VhostUserSocket::Listen(path) => {
+                let listener = bind(path)?;
+                // The inode of the socket file, to recognise it again on exit.
+                let ino = std::fs::symlink_metadata(path)
+                    .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+                    .ok();
+                Ok(Endpoint::Listener(
+                    listener,
+                    ino.map(|ino| (path.clone(), ino)),
+                ))
+            }
             VhostUserSocket::Inherited(fd) => adopt(*fd),
             VhostUserSocket::Connect(path) => Ok(Endpoint::Connect(path.clone())),
         }
@@ -116,7 +128,7 @@ fn adopt(fd: RawFd) -> Result<Endpoint, ConnectionError> {
     )
     .map_err(query)?;
     if getsockopt(&owned, sockopt::AcceptConn).map_err(query)? {
-        Ok(Endpoint::Listener(UnixListener::from(owned)))
+        Ok(Endpoint::Listener(UnixListener::from(owned), None))
     } else {
         Ok(Endpoint::Connected(Some(UnixStream::from(owned))))
     }
@@ -194,7 +206,7 @@ impl Shutdown {
 /// Serves frontends from `endpoint` one at a time until shutdown is requested.
 pub fn serve(endpoint: Endpoint, disk: &Arc<Disk>, shutdown: &Shutdown) {
     match endpoint {
-        Endpoint::Listener(listener) => {
+        Endpoint::Listener(listener, bound) => {
             if let Err(e) = listener.set_nonblocking(true) {
                 log::error!("cannot make the vhost-user listener non-blocking: {e}");
             }
@@ -204,6 +216,9 @@ pub fn serve(endpoint: Endpoint, disk: &Arc<Disk>, shutdown: &Shutdown) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => log::warn!("vhost-user accept failed: {e}"),
                 }
+            }
+            if let Some((path, ino)) = bound {
+                remove_own_socket(&path, ino);
             }
         }
         Endpoint::Connected(mut stream) => {
@@ -229,6 +244,15 @@ pub fn serve(endpoint: Endpoint, disk: &Arc<Disk>, shutdown: &Shutdown) {
                 }
             }
         }
+    }
+}
+
+/// Removes the socket file vublk bound, so no VMM finds a dead socket after vublk has gone;
+/// but only if the path still names the file vublk created (a successor may have bound it).
+fn remove_own_socket(path: &Path, ino: u64) {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.ino() == ino) {
+        let _ = std::fs::remove_file(path);
     }
 }
 
