@@ -214,3 +214,50 @@ fn backing_count_and_format_mismatches_are_refused() {
     assert!(matches!(raw_given, Err(OpenError::BackingFormat { .. })));
     assert!(matches!(extra, Err(OpenError::UnexpectedBacking { .. })));
 }
+
+/// qemu-img places the first data cluster of both images at the same host offset, so the
+/// overlay's piece and the backing's piece both say "file 0, offset 0x50000": they must stay
+/// two pieces on two files.
+#[test]
+fn overlay_and_qcow2_backing_pieces_with_equal_ids_are_not_merged() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&base)
+        .arg("1M"));
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0xbb 0 128k"])
+        .arg(&base));
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&base)
+        .arg(&top)
+        .arg("1M"));
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0xaa 0 64k"])
+        .arg(&top));
+    let backing = Qcow2Layer::open(image_file(&base, "backing 1"), None).unwrap();
+    let layer = Qcow2Layer::open(image_file(&top, "image"), Some(Box::new(backing))).unwrap();
+
+    let pieces = map_read(&layer, &[top.as_path(), base.as_path()], 0, 128 * 1024);
+
+    assert_eq!(pieces.len(), 2, "{pieces:?}");
+    assert!(matches!(
+        pieces[0],
+        Piece::Data {
+            file: FileId(0),
+            len: 65536,
+            ..
+        }
+    ));
+    assert!(matches!(
+        pieces[1],
+        Piece::Data {
+            file: FileId(1),
+            len: 65536,
+            ..
+        }
+    ));
+}

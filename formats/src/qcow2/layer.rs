@@ -149,15 +149,17 @@ impl Qcow2Layer {
         };
         let covered = backing.virtual_size().saturating_sub(offset).min(len);
         if covered > 0 {
-            let start = out.len();
+            // The backing layer maps into its own list, in its own FileId space: merging its
+            // first piece into `out`'s last (another file with the same id) would be wrong.
+            let mut below = Vec::new();
             backing
-                .map(MapKind::Read, offset, covered, out)
+                .map(MapKind::Read, offset, covered, &mut below)
                 .map_err(|e| match e {
                     MapError::NeedTable(load) => MapError::NeedTable(load.shifted(1)),
                     other => other,
                 })?;
-            for piece in &mut out[start..] {
-                *piece = piece.shifted(1);
+            for piece in below {
+                push(out, piece.shifted(1));
             }
         }
         if covered < len {
