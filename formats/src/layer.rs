@@ -1,8 +1,9 @@
 //! The layer contract: a format maps a guest range to pieces; the engine moves the bytes.
 //!
 //! Mapping is synchronous and does no I/O. When a format needs metadata it does not hold (a
-//! qcow2 L2 table), `map` answers [`MapError::NeedTable`]: the engine reads those bytes through
-//! its ring, hands them to [`Layer::load_table`], and maps again.
+//! qcow2 L2 table), `map` answers [`MapError::NeedTables`]: the engine reads those bytes through
+//! its ring, hands them to [`Layer::load_table`], and maps again. `map` names every table the
+//! range lacks at once, so they load in parallel and the range is mapped twice at most.
 
 use std::fmt::Debug;
 
@@ -125,7 +126,7 @@ impl Piece {
 }
 
 /// Metadata a layer needs before it can map: `len` bytes at `offset` of `file`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TableLoad {
     pub file: FileId,
     pub offset: u64,
@@ -148,9 +149,10 @@ pub enum MapError {
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("the disk is read-only")]
     ReadOnly,
-    /// Not an error: load this table and map again.
-    #[error("metadata at {0:?} must be loaded first")]
-    NeedTable(TableLoad),
+    /// Not an error: load these tables (every one the range needs that is not cached) and map
+    /// again.
+    #[error("{} metadata table(s) must be loaded first", .0.len())]
+    NeedTables(Vec<TableLoad>),
     #[error("image metadata is inconsistent: {0}")]
     Corrupt(String),
 }
@@ -177,7 +179,7 @@ pub trait Layer: Send + Sync + Debug {
         out: &mut Vec<Piece>,
     ) -> Result<(), MapError>;
 
-    /// Takes the bytes of a table `map` asked for with [`MapError::NeedTable`].
+    /// Takes the bytes of a table `map` asked for with [`MapError::NeedTables`].
     fn load_table(&self, load: TableLoad, bytes: &[u8]) -> Result<(), MapError>;
 }
 

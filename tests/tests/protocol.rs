@@ -54,7 +54,7 @@ const IMAGE_SECTORS: u64 = IMAGE_SIZE / SECTOR_SIZE;
 /// Guest memory: a non-zero base, so a daemon that confuses guest-physical addresses with
 /// offsets into the region fails.
 const GUEST_BASE: u64 = 0x4000_0000;
-const GUEST_SIZE: u64 = 16 * MIB;
+const GUEST_SIZE: u64 = 96 * MIB;
 /// vublk's default `--queue-size`, also what the driver asks for.
 const QUEUE_SIZE: u16 = 256;
 /// How long a request may take before the test calls the daemon hung.
@@ -1957,4 +1957,76 @@ fn clean_exit_removes_the_socket_vublk_bound() {
         !path.exists(),
         "the socket file should be gone after a clean exit"
     );
+}
+
+/// Serves `qcow2` (made from `image_bytes` by `qemu-img convert` with `convert_args`) and
+/// reads `len` bytes at 0 in one request with 1 MiB data descriptors, on a cold cache.
+fn read_converted_qcow2(convert_args: &[&str], len: u64) -> (Outcome, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.raw");
+    let qcow2 = dir.path().join("img.qcow2");
+    std::fs::write(&raw, image_bytes(0, len)).unwrap();
+    let ok = std::process::Command::new("qemu-img")
+        .args(["convert", "-O", "qcow2"])
+        .args(convert_args)
+        .arg(&raw)
+        .arg(&qcow2)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let fx = Fixture::start(BackendKind::Vublk, |o| {
+        o.image = qcow2.clone();
+        o.format = "qcow2".into();
+        o.read_only = true;
+    });
+    let mut s = fx.open();
+    let hdr = s.header(VIRTIO_BLK_T_IN, 0);
+    let data = s.mem.alloc_filled(len, DATA_CANARY).unwrap();
+    let status = s.status();
+    let mut segs = vec![Segment::readable(hdr, BLK_HEADER_LEN)];
+    segs.extend((0..len / MIB).map(|i| Segment::writable(data + i * MIB, 1 << 20)));
+    segs.push(Segment::writable(status, 1));
+    let head = s.queues[0].ring.add_chain(&s.mem, &segs).unwrap();
+    s.publish(0, head);
+    // Tens of thousands of compressed clusters take a while in a debug build.
+    let vq = &mut s.queues[0];
+    let used = vq
+        .ring
+        .wait_used(&s.mem, vq.call.as_fd(), Duration::from_secs(120))
+        .expect("the large read completes");
+    assert_eq!(used.id, u32::from(head));
+    let outcome = Outcome {
+        used,
+        status: s.mem.read_u8(status).ok(),
+    };
+    let bytes = s.mem.read(data, len).unwrap();
+    drop(fx);
+    (outcome, bytes)
+}
+
+/// A 4 MiB read over 512-byte clusters spans 128 L2 tables, each loaded on demand.
+#[test]
+fn cold_large_read_over_512_byte_clusters_loads_every_table_it_needs() {
+    let (outcome, bytes) = read_converted_qcow2(&["-o", "cluster_size=512"], 4 * MIB);
+
+    assert_status(
+        outcome,
+        VIRTIO_BLK_S_OK,
+        "cold 4 MiB read, 512-byte clusters",
+    );
+    assert!(bytes == image_bytes(0, 4 * MIB), "data differs");
+}
+
+/// 33 MiB of 512-byte compressed clusters is 67584 pieces in one request: more ops than
+/// 16 bits can number.
+#[test]
+fn a_request_with_more_than_65536_ops_completes() {
+    let (outcome, bytes) = read_converted_qcow2(&["-c", "-o", "cluster_size=512"], 33 * MIB);
+
+    assert_status(
+        outcome,
+        VIRTIO_BLK_S_OK,
+        "33 MiB of 512-byte compressed clusters",
+    );
+    assert!(bytes == image_bytes(0, 33 * MIB), "data differs");
 }

@@ -103,7 +103,7 @@ impl Qcow2Layer {
         self.backing.as_ref().map_or(0, |b| b.files().len())
     }
 
-    /// The L2 entry for `loc`, or `NeedTable` when its table is not cached.
+    /// The L2 entry for `loc`, or `NeedTables` when its table is not cached.
     fn l2_entry(&self, loc: &GuestLocation) -> Result<L2Entry, MapError> {
         let Some(&raw) = usize::try_from(loc.l1_index)
             .ok()
@@ -121,11 +121,11 @@ impl Qcow2Layer {
                 L1Entry::L2Table { offset, .. } => offset,
             };
         let Some(table) = self.l2.get(l2_offset.0) else {
-            return Err(MapError::NeedTable(TableLoad {
+            return Err(MapError::NeedTables(vec![TableLoad {
                 file: FileId(0),
                 offset: l2_offset.0,
                 len: self.geometry.cluster_size(),
-            }));
+            }]));
         };
         let raw = usize::try_from(loc.l2_index)
             .ok()
@@ -155,7 +155,9 @@ impl Qcow2Layer {
             backing
                 .map(MapKind::Read, offset, covered, &mut below)
                 .map_err(|e| match e {
-                    MapError::NeedTable(load) => MapError::NeedTable(load.shifted(1)),
+                    MapError::NeedTables(loads) => {
+                        MapError::NeedTables(loads.into_iter().map(|l| l.shifted(1)).collect())
+                    }
                     other => other,
                 })?;
             for piece in below {
@@ -230,14 +232,33 @@ impl Layer for Qcow2Layer {
             }
         }
         let cluster_size = self.geometry.cluster_size();
+        let table_span = self.geometry.bytes_per_l2_table();
         let start = out.len();
         let mut pos = offset;
         let end = offset + len;
+        // Tables the range needs that are not cached: mapping goes on past them to name them
+        // all, and only fails (asking for them) at the end.
+        let mut missing: Vec<TableLoad> = Vec::new();
+        let need = |loads: Vec<TableLoad>, missing: &mut Vec<TableLoad>| {
+            for load in loads {
+                if !missing.contains(&load) {
+                    missing.push(load);
+                }
+            }
+        };
         while pos < end {
             let loc = self.geometry.locate(GuestOffset(pos));
             let n = (end - pos).min(cluster_size - loc.offset_in_cluster);
             let entry = match self.l2_entry(&loc) {
                 Ok(entry) => entry,
+                Err(MapError::NeedTables(loads)) => {
+                    need(loads, &mut missing);
+                    // The rest of this L2 table's span is unknown too.
+                    pos = (pos / table_span + 1)
+                        .checked_mul(table_span)
+                        .map_or(end, |next| next.min(end));
+                    continue;
+                }
                 Err(e) => {
                     out.truncate(start);
                     return Err(e);
@@ -277,11 +298,19 @@ impl Layer for Qcow2Layer {
                     Ok(())
                 }
             };
-            if let Err(e) = mapped {
-                out.truncate(start);
-                return Err(e);
+            match mapped {
+                Ok(()) => {}
+                Err(MapError::NeedTables(loads)) => need(loads, &mut missing),
+                Err(e) => {
+                    out.truncate(start);
+                    return Err(e);
+                }
             }
             pos += n;
+        }
+        if !missing.is_empty() {
+            out.truncate(start);
+            return Err(MapError::NeedTables(missing));
         }
         Ok(())
     }

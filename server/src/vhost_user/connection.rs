@@ -233,8 +233,17 @@ pub fn serve(endpoint: Endpoint, disk: &Arc<Disk>, shutdown: &Shutdown) {
             while !shutdown.requested() {
                 match UnixStream::connect(&path) {
                     Ok(stream) => {
-                        backoff = RECONNECT_MIN;
+                        let started = std::time::Instant::now();
                         serve_one(stream, disk, shutdown);
+                        if started.elapsed() < RECONNECT_MAX {
+                            // The connection ended at once (a failing VMM, or vublk could not
+                            // serve it): back off instead of spinning.
+                            let _ =
+                                shutdown.wait_readable(evt_fd(&shutdown.inner.evt), Some(backoff));
+                            backoff = (backoff * 2).min(RECONNECT_MAX);
+                        } else {
+                            backoff = RECONNECT_MIN;
+                        }
                     }
                     Err(e) => {
                         log::debug!("--connect {}: {e}; retrying in {backoff:?}", path.display());

@@ -67,8 +67,17 @@ impl BlkHandler {
     pub fn new(disk: Arc<Disk>) -> Result<BlkHandler, crate::engine::EngineError> {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let params = *disk.params();
-        let mut queues = Vec::new();
-        let mut workers = Vec::new();
+        // Built up queue by queue: if one fails, dropping the handler stops the workers
+        // already started.
+        let mut handler = BlkHandler {
+            disk: Arc::clone(&disk),
+            mem: mem.clone(),
+            mappings: Vec::new(),
+            acked_features: 0,
+            acked_protocol_features: 0,
+            queues: Vec::new(),
+            workers: Vec::new(),
+        };
         for index in 0..params.num_queues {
             let vring = Vring::new(mem.clone(), params.queue_size).map_err(|e| {
                 crate::engine::EngineError::Setup {
@@ -84,22 +93,11 @@ impl BlkHandler {
                     source,
                 }
             })?;
-            workers.push(worker::spawn(
-                Arc::clone(&shared),
-                Arc::clone(&disk),
-                mem.clone(),
-            )?);
-            queues.push(shared);
+            let worker = worker::spawn(Arc::clone(&shared), Arc::clone(&disk), mem.clone())?;
+            handler.queues.push(shared);
+            handler.workers.push(worker);
         }
-        Ok(BlkHandler {
-            disk,
-            mem,
-            mappings: Vec::new(),
-            acked_features: 0,
-            acked_protocol_features: 0,
-            queues,
-            workers,
-        })
+        Ok(handler)
     }
 
     /// Drains every queue and joins the workers (the connection ended).

@@ -29,22 +29,31 @@ use ops::{classify, AlignedBuf, InFlight, IoOp, Next, OpKind, ReadPurpose};
 /// The vring type shared between the handler and a worker.
 pub type Vring = VringMutex<GuestMemoryAtomic<GuestMemoryMmap>>;
 
-/// Bits of `user_data` that index the op within its request.
-const OP_INDEX_BITS: u32 = 16;
+/// Low bits of `user_data` that name the request's slot in the in-flight table: slots never
+/// outnumber the requests a queue can hold (at most 1024, see MAX_QUEUE_SIZE), so 20 bits leave
+/// room; the op index takes the bits above, up to the tag byte.
+const SLOT_BITS: u32 = 20;
+const SLOT_MASK: u64 = (1 << SLOT_BITS) - 1;
+/// Ops one request may have: the op index must stay below the tag byte of `user_data`.
+const MAX_OPS_PER_REQUEST: usize = 1 << (56 - SLOT_BITS);
 /// Size of the zero buffer used when fallocate cannot zero a range.
 const ZERO_BUFFER_LEN: usize = 1 << 20;
 /// O_DIRECT memory alignment vublk assumes for guest buffers.
 const DIRECT_ALIGN: usize = 512;
-/// `user_data` tags of the worker's own reads, above any `slot << OP_INDEX_BITS | op`.
+/// `user_data` tags of the worker's own reads, above any `op << SLOT_BITS | slot`.
 const TAG_MASK: u64 = 0xff00_0000_0000_0000;
 const TAG_WAKE: u64 = 0xf100_0000_0000_0000;
 const TAG_KICK: u64 = 0xf200_0000_0000_0000;
 const TAG_CANCEL: u64 = 0xf300_0000_0000_0000;
 /// Fixed-file slots after the image files: the wake eventfd, then the kick eventfd.
 const EXTRA_SLOTS: u32 = 2;
-/// Metadata loads one request may wait for before it fails: a request maps at most a few
-/// tables per layer, and a chain is at most 17 layers deep.
-const MAX_TABLE_LOADS_PER_REQUEST: u32 = 64;
+/// Times one request may ask for a table it already loaded (another queue's loads evicted it
+/// in between) before it fails: each distinct table is loaded once per request otherwise, so
+/// a request always progresses unless the cache thrashes.
+const MAX_REPEATED_TABLE_LOADS: u32 = 8;
+/// Distinct tables one request may load: a 64 MiB request over 512-byte clusters spans 2048
+/// L2 tables per layer, and a chain has at most 17 layers.
+const MAX_TABLE_LOADS_PER_REQUEST: u32 = 2048 * 17 + 17;
 /// Bytes of buffers (O_DIRECT bounces, compressed clusters, tables) one queue may hold at once:
 /// a hostile guest reading 2 MiB compressed clusters with a full queue would otherwise make the
 /// worker allocate gigabytes.
@@ -127,6 +136,19 @@ impl QueueShared {
     }
 }
 
+/// Marks the queue stopped and exited when its worker thread ends for any reason (a panic
+/// included), so the handler never waits forever in `stop_and_drain`.
+struct ExitGuard(Arc<QueueShared>);
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        let mut c = self.0.control.lock().unwrap_or_else(|e| e.into_inner());
+        c.exit = true;
+        c.stopped = c.stop_requested;
+        self.0.changed.notify_all();
+    }
+}
+
 /// Starts the worker thread for `shared`.
 pub fn spawn(
     shared: Arc<QueueShared>,
@@ -197,6 +219,7 @@ pub fn spawn(
                 signal: false,
                 broken: false,
             };
+            let _guard = ExitGuard(Arc::clone(&worker.shared));
             worker.run();
         })
         .map_err(|source| EngineError::Setup {
@@ -223,7 +246,7 @@ pub fn spawn(
 
 /// How planning a request ended when it did not produce its ops.
 enum Planned {
-    NeedTable(TableLoad),
+    NeedTables(Vec<TableLoad>),
     Failed,
 }
 
@@ -250,7 +273,7 @@ struct Worker {
     /// Buffers the kernel writes the eventfd counters into; boxed so they never move.
     wake_value: Box<u64>,
     kick_value: Box<u64>,
-    /// In-flight table: `user_data >> OP_INDEX_BITS` indexes it.
+    /// In-flight table: `user_data & SLOT_MASK` indexes it.
     slots: Vec<Option<InFlight>>,
     free: Vec<usize>,
     in_flight: usize,
@@ -328,15 +351,6 @@ impl Worker {
         state.is_enabled() && state.get_queue().ready() && state.get_kick().is_some()
     }
 
-    fn kick_fd(&self) -> Option<RawFd> {
-        self.shared
-            .vring
-            .get_ref()
-            .get_kick()
-            .as_ref()
-            .map(|k| k.as_raw_fd())
-    }
-
     fn arm_wake(&mut self) {
         let buf: *mut u64 = &mut *self.wake_value;
         let entry = opcode::Read::new(types::Fixed(self.wake_slot), buf.cast(), 8)
@@ -366,7 +380,6 @@ impl Worker {
         if epoch == self.kick_epoch {
             return;
         }
-        let want = self.kick_fd();
         if self.kick_armed {
             let entry = opcode::AsyncCancel::new(TAG_KICK | self.kick_generation)
                 .build()
@@ -385,7 +398,13 @@ impl Worker {
         }
         self.kick_epoch = epoch;
         self.kick_generation = (self.kick_generation + 1) & !TAG_MASK;
-        if let Err(e) = self.ring.set_file(self.kick_slot, want) {
+        // Install the fd while holding the vring lock: the handler cannot close it (and let
+        // its number be reused by an unrelated fd) between reading the number and registering.
+        let state = self.shared.vring.get_ref();
+        let want = state.get_kick().as_ref().map(|k| k.as_raw_fd());
+        let installed = self.ring.set_file(self.kick_slot, want);
+        drop(state);
+        if let Err(e) = installed {
             log::error!(
                 "queue {}: cannot install the kick fd: {e}",
                 self.shared.index
@@ -591,6 +610,8 @@ impl Worker {
             written: 0,
             request: Some(req.op),
             loads: 0,
+            loaded: std::collections::HashSet::new(),
+            repeated_loads: 0,
             buffer_bytes: 0,
         };
         self.launch(inflight);
@@ -608,27 +629,47 @@ impl Worker {
         inflight.request = Some(op);
         match planned {
             Ok(()) => {}
-            Err(Planned::NeedTable(load)) => {
-                inflight.loads += 1;
-                if inflight.loads > MAX_TABLE_LOADS_PER_REQUEST {
+            Err(Planned::NeedTables(loads)) => {
+                inflight.ops.clear();
+                for load in loads {
+                    inflight.loads += 1;
+                    if !inflight.loaded.insert(load) {
+                        inflight.repeated_loads += 1;
+                    }
+                    match read_into_op(load.file.0, load.offset, load.len, ReadPurpose::Table(load))
+                    {
+                        Some(op) => inflight.ops.push(op),
+                        None => return self.finish_now(inflight, VIRTIO_BLK_S_IOERR),
+                    }
+                }
+                if inflight.loads > MAX_TABLE_LOADS_PER_REQUEST
+                    || inflight.repeated_loads > MAX_REPEATED_TABLE_LOADS
+                {
                     log::error!(
-                        "queue {}: request {} still needs metadata after {} loads",
+                        "queue {}: request {} still needs metadata after {} loads ({} repeated)",
                         self.shared.index,
                         inflight.head,
-                        MAX_TABLE_LOADS_PER_REQUEST
+                        inflight.loads,
+                        inflight.repeated_loads
                     );
+                    inflight.ops.clear();
                     return self.finish_now(inflight, VIRTIO_BLK_S_IOERR);
-                }
-                inflight.ops.clear();
-                match read_into_op(load.file.0, load.offset, load.len, ReadPurpose::Table(load)) {
-                    Some(op) => inflight.ops.push(op),
-                    None => return self.finish_now(inflight, VIRTIO_BLK_S_IOERR),
                 }
             }
             Err(Planned::Failed) => return self.finish_now(inflight, VIRTIO_BLK_S_IOERR),
         }
         if inflight.ops.is_empty() {
             return self.finish_now(inflight, VIRTIO_BLK_S_OK);
+        }
+        if inflight.ops.len() >= MAX_OPS_PER_REQUEST || self.slots.len() as u64 > SLOT_MASK {
+            log::error!(
+                "queue {}: request {} needs {} ops, more than one request may have",
+                self.shared.index,
+                inflight.head,
+                inflight.ops.len()
+            );
+            inflight.ops.clear();
+            return self.finish_now(inflight, VIRTIO_BLK_S_IOERR);
         }
         // Buffers the worker allocates (bounces, compressed clusters, tables) are bounded per
         // queue: a request that would pass the budget waits until earlier ones free theirs
@@ -719,12 +760,12 @@ impl Worker {
         }
     }
 
-    /// Maps a range with the disk's layer; a table the layer lacks becomes `NeedTable`.
+    /// Maps a range with the disk's layer; tables the layer lacks become `NeedTables`.
     fn map(&mut self, kind: MapKind, offset: u64, len: u64) -> Result<(), Planned> {
         self.pieces.clear();
         match self.disk.layer().map(kind, offset, len, &mut self.pieces) {
             Ok(()) => Ok(()),
-            Err(MapError::NeedTable(load)) => Err(Planned::NeedTable(load)),
+            Err(MapError::NeedTables(loads)) => Err(Planned::NeedTables(loads)),
             Err(e) => {
                 log::warn!("queue {}: {e}", self.shared.index);
                 Err(Planned::Failed)
@@ -849,7 +890,7 @@ impl Worker {
         };
         let op = &inflight.ops[idx];
         let fd = types::Fixed(op.file);
-        let user_data = ((slot as u64) << OP_INDEX_BITS) | idx as u64;
+        let user_data = ((idx as u64) << SLOT_BITS) | (slot as u64 & SLOT_MASK);
         let iov_len = u32::try_from(op.iov.len()).unwrap_or(u32::MAX);
         let entry = match op.kind {
             OpKind::Read | OpKind::ReadInto => opcode::Readv::new(fd, op.iov.as_ptr(), iov_len)
@@ -900,8 +941,8 @@ impl Worker {
     }
 
     fn on_completion(&mut self, user_data: u64, res: i32) {
-        let slot = usize::try_from(user_data >> OP_INDEX_BITS).unwrap_or(usize::MAX);
-        let idx = (user_data & ((1 << OP_INDEX_BITS) - 1)) as usize;
+        let slot = usize::try_from(user_data & SLOT_MASK).unwrap_or(usize::MAX);
+        let idx = usize::try_from(user_data >> SLOT_BITS).unwrap_or(usize::MAX);
         let q = self.shared.index;
         let writethrough = !self.disk.writeback();
         let Some(inflight) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
@@ -987,19 +1028,28 @@ impl Worker {
         self.in_flight -= 1;
         self.buffer_bytes -= done.buffer_bytes;
         done.buffer_bytes = 0;
-        // A table load: hand the bytes to the layer and plan the request again.
-        let table = done.ops.first().and_then(|op| match op.purpose {
-            Some(ReadPurpose::Table(load)) => Some(load),
-            _ => None,
-        });
-        if let Some(load) = table {
+        // Table loads: hand the bytes to the layer and plan the request again.
+        let is_table_load = done
+            .ops
+            .iter()
+            .any(|op| matches!(op.purpose, Some(ReadPurpose::Table(_))));
+        if is_table_load {
             if done.status == VIRTIO_BLK_S_OK {
-                let bytes = done.ops.first_mut().and_then(|op| op.bounce.take());
-                let len = usize::try_from(load.len).unwrap_or(usize::MAX);
-                let loaded = match bytes.as_ref().and_then(|b| b.as_slice().get(..len)) {
-                    Some(bytes) => self.disk.layer().load_table(load, bytes),
-                    None => Err(MapError::Corrupt("short table buffer".into())),
-                };
+                let mut loaded = Ok(());
+                for op in &done.ops {
+                    let Some(ReadPurpose::Table(load)) = op.purpose else {
+                        continue;
+                    };
+                    let len = usize::try_from(load.len).unwrap_or(usize::MAX);
+                    let result = match op.bounce.as_ref().and_then(|b| b.as_slice().get(..len)) {
+                        Some(bytes) => self.disk.layer().load_table(load, bytes),
+                        None => Err(MapError::Corrupt("short table buffer".into())),
+                    };
+                    if result.is_err() {
+                        loaded = result;
+                        break;
+                    }
+                }
                 match loaded {
                     Ok(()) => return self.launch(done),
                     Err(e) => log::warn!("queue {q}: {e}"),

@@ -100,8 +100,11 @@ pub struct InFlight {
     pub written: u32,
     /// The request, kept so it can be planned again after a table load.
     pub request: Option<crate::virtio_blk::request::Op>,
-    /// Table loads so far: bounds the map/load loop.
+    /// Table loads so far, the distinct tables among them, and how often a table had to be
+    /// loaded again: these bound the map/load loop.
     pub loads: u32,
+    pub loaded: std::collections::HashSet<vublk_formats::TableLoad>,
+    pub repeated_loads: u32,
     /// Bytes of op buffers this request holds (counted against the queue's budget).
     pub buffer_bytes: u64,
 }
