@@ -175,6 +175,41 @@ fn vublk_guest_sees_capacity_serial_and_queues() -> Result<()> {
     Ok(())
 }
 
+/// The guest's driver sees what vublk offers: 4 KiB logical blocks, discard with
+/// `--discard unmap`, and a read-only disk with `--read-only`.
+#[test]
+fn vublk_guest_sees_block_size_discard_and_read_only() -> Result<()> {
+    let lbs = disk_info(
+        "vublk_guest_sees_block_size_and_discard",
+        BackendKind::Vublk,
+        1,
+        &["--logical-block-size", "4096", "--discard", "unmap"],
+    )?;
+    let ro = disk_info(
+        "vublk_guest_sees_read_only",
+        BackendKind::Vublk,
+        1,
+        &["--read-only"],
+    )?;
+
+    assert_eq!(lbs.logical_block_size, 4096);
+    // virtio feature bit 13 is VIRTIO_BLK_F_DISCARD.
+    assert_eq!(
+        lbs.features.chars().nth(13),
+        Some('1'),
+        "features {}",
+        lbs.features
+    );
+    assert!(ro.read_only);
+    assert_eq!(
+        ro.features.chars().nth(5),
+        Some('1'),
+        "VIRTIO_BLK_F_RO in {}",
+        ro.features
+    );
+    Ok(())
+}
+
 #[test]
 fn qsd_guest_data_survives_vmm_restart() -> Result<()> {
     write_then_verify_across_vmm_restart(
