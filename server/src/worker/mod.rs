@@ -136,6 +136,22 @@ impl QueueShared {
     }
 }
 
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if self.in_flight > 0 {
+            // Only after a panic: the kernel may still write into these buffers after the
+            // ring is closed, so they are leaked rather than freed for reuse.
+            log::error!(
+                "queue {}: worker ended with {} requests in flight; leaking their buffers",
+                self.shared.index,
+                self.in_flight
+            );
+            std::mem::forget(std::mem::take(&mut self.slots));
+            std::mem::forget(self.zero_buffer.take());
+        }
+    }
+}
+
 /// Marks the queue stopped and exited when its worker thread ends for any reason (a panic
 /// included), so the handler never waits forever in `stop_and_drain`.
 struct ExitGuard(Arc<QueueShared>);
