@@ -697,6 +697,13 @@ impl Worker {
             .map(|b| b.len() as u64)
             .sum();
         if !ops::admit_buffers(self.buffer_bytes, need, MAX_BUFFER_BYTES_PER_QUEUE) {
+            log::debug!(
+                "queue {}: request {} waits for buffer budget ({} of {} bytes held)",
+                self.shared.index,
+                inflight.head,
+                self.buffer_bytes,
+                MAX_BUFFER_BYTES_PER_QUEUE
+            );
             inflight.ops.clear();
             self.deferred.push_back(inflight);
             return;
