@@ -4,7 +4,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use nix::sys::stat::{fstat, SFlag};
 
-use crate::OpenError;
+use crate::{AlignedBuf, OpenError, BUFFER_ALIGN};
 
 /// `BLKGETSIZE64` (linux/fs.h): `_IOR(0x12, 114, size_t)`.
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -83,8 +83,7 @@ impl ImageFile {
     /// Reads `len` bytes at `offset` with blocking preads, for setup only (before serving):
     /// aligned to 4 KiB so O_DIRECT fds work; bytes past the end of the file read as zeroes.
     pub fn read_at(&self, offset: u64, len: u64) -> Result<Vec<u8>, OpenError> {
-        const ALIGN: u64 = 4096;
-        const ALIGN_BYTES: usize = 4096;
+        const ALIGN: u64 = BUFFER_ALIGN as u64;
         let err = |source| OpenError::Read {
             fd: self.raw_fd(),
             role: self.options.role.clone(),
@@ -99,9 +98,7 @@ impl ImageFile {
             .ok_or_else(|| err(std::io::Error::from_raw_os_error(libc::EOVERFLOW)))?;
         let total = usize::try_from(end - start)
             .map_err(|_| err(std::io::Error::from_raw_os_error(libc::EOVERFLOW)))?;
-        let layout = std::alloc::Layout::from_size_align(total.max(1), ALIGN_BYTES)
-            .map_err(|_| err(std::io::Error::from_raw_os_error(libc::ENOMEM)))?;
-        let mut buf = AlignedBytes::new(layout)
+        let mut buf = AlignedBuf::new(total)
             .ok_or_else(|| err(std::io::Error::from_raw_os_error(libc::ENOMEM)))?;
         let mut done = 0usize;
         while done < total {
@@ -126,33 +123,6 @@ impl ImageFile {
         let skip = usize::try_from(offset - start).unwrap_or(0);
         let want = usize::try_from(len).unwrap_or(0);
         Ok(buf.as_mut_slice()[skip..skip + want].to_vec())
-    }
-}
-
-/// A zeroed, aligned heap buffer for O_DIRECT reads during setup.
-struct AlignedBytes {
-    ptr: std::ptr::NonNull<u8>,
-    layout: std::alloc::Layout,
-}
-
-impl AlignedBytes {
-    fn new(layout: std::alloc::Layout) -> Option<AlignedBytes> {
-        // SAFETY: the layout has a non-zero size (callers pass at least one byte).
-        let ptr = std::ptr::NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })?;
-        Some(AlignedBytes { ptr, layout })
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: ptr is valid for layout.size() zero-initialised bytes owned by self, and
-        // &mut self makes the borrow exclusive.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
-    }
-}
-
-impl Drop for AlignedBytes {
-    fn drop(&mut self) {
-        // SAFETY: ptr was allocated with exactly this layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
     }
 }
 

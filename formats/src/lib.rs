@@ -5,6 +5,7 @@
 //! stands on, and the raw format. It does not do I/O on guest data: the server's engine moves
 //! the bytes. qcow2 joins here on the same contract.
 
+mod buffer;
 mod compress;
 mod error;
 mod file;
@@ -12,6 +13,7 @@ mod layer;
 pub mod qcow2;
 mod raw;
 
+pub use buffer::{AlignedBuf, BUFFER_ALIGN};
 pub use compress::{decompress_cluster, DecompressError};
 pub use error::OpenError;
 pub use file::{ImageFile, ImageFileOptions};

@@ -1122,7 +1122,7 @@ fn deliver_compressed(mem: &GuestMemoryMmap, op: &IoOp) -> Result<(), String> {
         .get(from..to)
         .ok_or("compressed bytes outside the read buffer")?;
     let skip = usize::try_from(cluster_skip).map_err(|e| e.to_string())?;
-    let want = usize::try_from(segments_len(&op.guest)).map_err(|e| e.to_string())?;
+    let want = usize::try_from(request::total_len(&op.guest)).map_err(|e| e.to_string())?;
     let cluster_size = usize::try_from(cluster_size).map_err(|e| e.to_string())?;
     if skip + want > cluster_size {
         return Err("guest range outside the compressed cluster".into());
@@ -1132,10 +1132,6 @@ fn deliver_compressed(mem: &GuestMemoryMmap, op: &IoOp) -> Result<(), String> {
     decompress_cluster(algorithm, input, &mut prefix).map_err(|e| e.to_string())?;
     let part = &prefix[skip..];
     write_guest(mem, &op.guest, part).map_err(|e| e.to_string())
-}
-
-fn segments_len(segs: &[Segment]) -> u64 {
-    segs.iter().map(|s| u64::from(s.len)).sum()
 }
 
 /// Runs `op` with blocking syscalls (for O_NONBLOCK fds, where io_uring answers EAGAIN).

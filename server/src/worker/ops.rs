@@ -2,16 +2,13 @@
 //! what a completion result means for it. The decisions in [`classify`] are pure and
 //! unit-tested; the worker applies them.
 
-use std::alloc::{alloc_zeroed, dealloc, Layout};
-use std::ptr::NonNull;
 use std::sync::Arc;
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use crate::virtio_blk::request::Segment;
+pub use vublk_formats::AlignedBuf;
 
-/// Alignment of bounce and zero buffers: enough for O_DIRECT on any logical block size.
-pub const BUFFER_ALIGN: usize = 4096;
+use crate::virtio_blk::request::Segment;
 
 /// What an operation asks of the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,50 +169,6 @@ pub fn admit_buffers(in_use: u64, need: u64, max: u64) -> bool {
     need == 0 || in_use == 0 || in_use.saturating_add(need) <= max
 }
 
-/// A zeroed heap buffer aligned to [`BUFFER_ALIGN`], for O_DIRECT bounces and zero writes.
-pub struct AlignedBuf {
-    ptr: NonNull<u8>,
-    layout: Layout,
-}
-
-// SAFETY: AlignedBuf owns its allocation exclusively, like a Box<[u8]>.
-unsafe impl Send for AlignedBuf {}
-
-impl AlignedBuf {
-    /// Allocates `len` zeroed bytes (at least one).
-    pub fn new(len: usize) -> Option<AlignedBuf> {
-        let layout = Layout::from_size_align(len.max(1), BUFFER_ALIGN).ok()?;
-        // SAFETY: the layout has a non-zero size.
-        let ptr = NonNull::new(unsafe { alloc_zeroed(layout) })?;
-        Some(AlignedBuf { ptr, layout })
-    }
-
-    pub fn len(&self) -> usize {
-        self.layout.size()
-    }
-
-    pub fn as_mut_ptr(&self) -> *mut u8 {
-        self.ptr.as_ptr()
-    }
-
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr is valid for len initialised (zeroed at allocation) bytes and owned by self.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len()) }
-    }
-
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as in as_slice, and &mut self guarantees exclusive access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len()) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: ptr was allocated with exactly this layout in `new`.
-        unsafe { dealloc(self.ptr.as_ptr(), self.layout) }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,12 +239,5 @@ mod tests {
         assert!(!admit_buffers(16 << 20, (16 << 20) + 1, 32 << 20));
         assert!(admit_buffers(u64::MAX, 0, 32 << 20), "no buffers needed");
         assert!(!admit_buffers(u64::MAX, 1, 32 << 20), "no overflow");
-    }
-
-    #[test]
-    fn aligned_buffer_is_aligned_and_zeroed() {
-        let b = AlignedBuf::new(8192).unwrap();
-        assert_eq!(b.as_mut_ptr() as usize % BUFFER_ALIGN, 0);
-        assert!(b.as_slice().iter().all(|&x| x == 0));
     }
 }
