@@ -56,8 +56,13 @@ pub enum OpenError {
     },
     #[error("fd {fd} ({role}): the image is marked corrupt; it can only be served read-only (repair it with `qemu-img check -r all`)")]
     CorruptWritable { fd: RawFd, role: String },
-    #[error(
-        "fd {fd} ({role}): writing qcow2 images is not supported yet; serve it with --read-only"
-    )]
-    Qcow2Writes { fd: RawFd, role: String },
+    #[error("fd {fd} ({role}): the image is dirty (it was not closed cleanly while using lazy refcounts); repair it with `qemu-img check -r all` before serving it writable, or serve it with --read-only")]
+    DirtyWritable { fd: RawFd, role: String },
+    #[error("fd {fd} ({role}): cannot prepare the image for writing")]
+    Update {
+        fd: RawFd,
+        role: String,
+        #[source]
+        source: crate::UpdateError,
+    },
 }

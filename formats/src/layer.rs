@@ -8,7 +8,7 @@
 use std::fmt::Debug;
 
 use crate::qcow2::CompressionType;
-use crate::ImageFile;
+use crate::{ImageFile, Storage};
 
 /// Index of a file in a disk's file table (the chain's files, top layer first), which is also
 /// its io_uring registered-file slot.
@@ -131,6 +131,9 @@ pub struct TableLoad {
     pub file: FileId,
     pub offset: u64,
     pub len: u64,
+    /// When the layer found the table missing: a load may return bytes from before an update
+    /// that happened after this, which the layer then refuses (see the qcow2 L2 cache).
+    pub stamp: u64,
 }
 
 impl TableLoad {
@@ -155,6 +158,46 @@ pub enum MapError {
     NeedTables(Vec<TableLoad>),
     #[error("image metadata is inconsistent: {0}")]
     Corrupt(String),
+    /// Not an error: the range cannot be served in place (a qcow2 cluster must be allocated,
+    /// copied or deallocated); hand the request to [`Layer::update`] on the metadata thread.
+    #[error("the request needs a metadata update")]
+    NeedUpdate,
+}
+
+/// A guest request that changes metadata, run by [`Layer::update`].
+#[derive(Clone, Copy, Debug)]
+pub enum Update<'a> {
+    Write { offset: u64, data: &'a [u8] },
+    WriteZeroes { offset: u64, len: u64, unmap: bool },
+    Discard { offset: u64, len: u64 },
+}
+
+/// Why a metadata update failed. The guest request fails; nothing already acknowledged is
+/// lost.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error("the disk is read-only")]
+    ReadOnly,
+    #[error(transparent)]
+    Map(#[from] MapError),
+    #[error("fd {fd}: {what}")]
+    Io {
+        fd: std::os::fd::RawFd,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The image was found inconsistent; it is now marked corrupt and served read-only.
+    #[error("fd {fd}: image marked corrupt: {detail}")]
+    Corrupt {
+        fd: std::os::fd::RawFd,
+        detail: String,
+    },
+    #[error("fd {fd}: {detail}")]
+    NoSpace {
+        fd: std::os::fd::RawFd,
+        detail: String,
+    },
 }
 
 /// A disk image format over one or more files.
@@ -179,8 +222,23 @@ pub trait Layer: Send + Sync + Debug {
         out: &mut Vec<Piece>,
     ) -> Result<(), MapError>;
 
-    /// Takes the bytes of a table `map` asked for with [`MapError::NeedTables`].
+    /// Takes the bytes of a table `map` asked for with [`MapError::NeedTables`]. A load the
+    /// layer refuses as possibly stale is not an error: mapping again asks for it anew.
     fn load_table(&self, load: TableLoad, bytes: &[u8]) -> Result<(), MapError>;
+
+    /// Runs a request `map` answered with [`MapError::NeedUpdate`], with blocking I/O on
+    /// `io` (the disk's files, indexed like [`Layer::files`]). Called from one thread per disk.
+    fn update(&self, io: &dyn Storage, update: Update<'_>) -> Result<(), UpdateError> {
+        let _ = (io, update);
+        Err(UpdateError::ReadOnly)
+    }
+
+    /// Makes everything the layer wrote durable and returns what it reserved but did not use
+    /// (at a clean shutdown, from the same thread as `update`).
+    fn close(&self, io: &dyn Storage) -> Result<(), UpdateError> {
+        let _ = io;
+        Ok(())
+    }
 }
 
 /// Checks that `offset + len` lies within `size`, for every layer's `map`.

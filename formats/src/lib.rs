@@ -12,10 +12,12 @@ mod file;
 mod layer;
 pub mod qcow2;
 mod raw;
+mod storage;
 
 pub use buffer::{AlignedBuf, BUFFER_ALIGN};
 pub use compress::{decompress_cluster, DecompressError};
 pub use error::OpenError;
 pub use file::{ImageFile, ImageFileOptions};
-pub use layer::{FileId, Format, Layer, MapError, MapKind, Piece, TableLoad};
+pub use layer::{FileId, Format, Layer, MapError, MapKind, Piece, TableLoad, Update, UpdateError};
 pub use raw::RawLayer;
+pub use storage::{FileStorage, Storage};

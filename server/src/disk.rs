@@ -9,15 +9,16 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use vublk_fdset::{check_image_fd, FdError, FdStatus, FileSpec, ImageAccess};
 use vublk_formats::qcow2::Qcow2Layer;
-use vublk_formats::{ImageFile, ImageFileOptions, Layer, OpenError, RawLayer};
+use vublk_formats::{Format, ImageFile, ImageFileOptions, Layer, OpenError, RawLayer};
 
 use crate::args::FormatArg;
 use crate::config::{CacheMode, DeviceConfig, DiskConfig};
+use crate::updater::{UpdateJob, UpdateReply, Updater};
 use crate::virtio_blk::config_space::BlkConfig;
 use crate::virtio_blk::features::{DeviceParams, MAX_DISCARD_SECTORS};
 use crate::virtio_blk::request::Geometry;
@@ -50,6 +51,12 @@ pub enum DiskError {
         #[source]
         source: OpenError,
     },
+    #[error("{spec}: cannot start the metadata thread")]
+    Updater {
+        spec: FileSpec,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(
         "--image {spec}: the disk is {size} bytes, not a multiple of --logical-block-size {lbs}"
     )]
@@ -59,7 +66,9 @@ pub enum DiskError {
 /// A served disk, shared by every queue worker and every connection.
 #[derive(Debug)]
 pub struct Disk {
-    layer: Box<dyn Layer>,
+    layer: Arc<dyn Layer>,
+    /// The metadata thread, for a layer that can need one (writable qcow2).
+    updater: Option<Updater>,
     params: DeviceParams,
     serial: [u8; VIRTIO_BLK_ID_BYTES],
     /// The configuration space; the driver may change `writeback` through it.
@@ -72,7 +81,7 @@ impl Disk {
     /// Opens `disk` (the image and its backing chain) as the device `device` describes.
     pub fn open(disk: &DiskConfig, device: &DeviceConfig) -> Result<Disk, DiskError> {
         let spec = disk.image.clone();
-        let layer = open_chain(disk)?;
+        let layer: Arc<dyn Layer> = Arc::from(open_chain(disk)?);
         let mut capacity_bytes = layer.virtual_size();
         let lbs = disk.logical_block_size;
         if capacity_bytes % u64::from(lbs) != 0 {
@@ -99,8 +108,17 @@ impl Disk {
         };
         let mut serial = [0u8; VIRTIO_BLK_ID_BYTES];
         serial[..disk.serial.len()].copy_from_slice(&disk.serial);
+        let updater = if layer.format() == Format::Qcow2 && !layer.read_only() {
+            Some(
+                Updater::spawn(Arc::clone(&layer))
+                    .map_err(|source| DiskError::Updater { spec, source })?,
+            )
+        } else {
+            None
+        };
         Ok(Disk {
             layer,
+            updater,
             params,
             serial,
             config: Mutex::new(params.config()),
@@ -110,6 +128,12 @@ impl Disk {
 
     pub fn layer(&self) -> &dyn Layer {
         self.layer.as_ref()
+    }
+
+    /// Hands a request the layer cannot map in place to the metadata thread; false when there
+    /// is none (or it is gone), and the caller fails the request.
+    pub fn submit_update(&self, job: UpdateJob, reply: UpdateReply) -> bool {
+        self.updater.as_ref().is_some_and(|u| u.submit(job, reply))
     }
 
     pub fn params(&self) -> &DeviceParams {
@@ -180,8 +204,12 @@ impl Disk {
             .collect()
     }
 
-    /// fdatasyncs every writable file (used on shutdown).
+    /// fdatasyncs every writable file (used on shutdown), after the metadata thread (if any)
+    /// finished its queue and closed the layer.
     pub fn sync(&self) -> std::io::Result<()> {
+        if let Some(updater) = &self.updater {
+            updater.shutdown();
+        }
         for file in self.layer.files() {
             if file.options().writable {
                 nix::unistd::fdatasync(file).map_err(std::io::Error::from)?;

@@ -8,6 +8,7 @@ mod disk;
 mod engine;
 mod probe;
 mod serve;
+mod updater;
 mod vhost_user;
 mod virtio_blk;
 mod worker;

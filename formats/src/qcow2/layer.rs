@@ -3,28 +3,61 @@
 //!
 //! Opening reads the header and the active L1 table with blocking reads (setup, before
 //! serving). Mapping never does I/O: an L2 table that is not cached is asked for with
-//! `MapError::NeedTable`, which the engine loads through its ring. Writes are not served yet:
-//! a qcow2 disk is read-only for now.
+//! `MapError::NeedTables`, which the engine loads through its ring. A write maps in place when
+//! its clusters are allocated and not shared (COPIED); anything else (allocation, COW,
+//! discard, write-zeroes) answers `MapError::NeedUpdate` and runs in `update.rs` on the disk's
+//! metadata thread.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 
 use crate::layer::check_range;
 use crate::qcow2::cache::{L2Cache, DEFAULT_L2_CACHE_BYTES};
-use crate::qcow2::limits::HEADER_READ_LIMIT;
+use crate::qcow2::limits::{HEADER_READ_LIMIT, SNAPSHOT_ENTRY_MIN_BYTES};
+use crate::qcow2::refcount::{meta_unit, Refcounts};
 use crate::qcow2::{
     decode_l1_entry, decode_l2_entry, ClusterGeometry, GuestLocation, GuestOffset, HostOffset,
-    L1Entry, L2Entry, Qcow2Header,
+    L1Entry, L2Entry, Qcow2Header, Version,
 };
-use crate::{FileId, Format, ImageFile, Layer, MapError, MapKind, OpenError, Piece, TableLoad};
+use crate::{
+    FileId, FileStorage, Format, ImageFile, Layer, MapError, MapKind, OpenError, Piece, Storage,
+    TableLoad, Update, UpdateError,
+};
+
+/// Byte offset of autoclear_features in a version 3 header.
+const AUTOCLEAR_FEATURES_OFFSET: usize = 88;
+
+/// How far past its size at open a writable image may grow, beyond the virtual size and its
+/// metadata: clusters freed in a session are only reused after a restart, so a guest that
+/// discards and rewrites needs room; the bound keeps a hostile guest from filling the host.
+pub const GROWTH_SLACK_BYTES: u64 = 1 << 30;
+
+/// What only the metadata thread changes.
+#[derive(Debug)]
+pub(super) struct WriterState {
+    pub(super) refcounts: Refcounts,
+    /// Host clusters at or past this index were past the end of the file at open.
+    pub(super) fresh_from: u64,
+}
 
 /// One qcow2 image over its file, with the layer below it (if any).
 #[derive(Debug)]
 pub struct Qcow2Layer {
-    file: ImageFile,
-    header: Qcow2Header,
-    geometry: ClusterGeometry,
-    /// Raw L1 entries, decoded on use.
-    l1: Vec<u64>,
-    l2: L2Cache,
-    backing: Option<Box<dyn Layer>>,
+    pub(super) file: ImageFile,
+    pub(super) header: Qcow2Header,
+    pub(super) geometry: ClusterGeometry,
+    /// Raw L1 entries, decoded on use; stored by the metadata thread after the write.
+    pub(super) l1: Vec<AtomicU64>,
+    pub(super) l2: L2Cache,
+    pub(super) backing: Option<Box<dyn Layer>>,
+    pub(super) writable: bool,
+    /// Set when the image was found inconsistent: the disk turns read-only.
+    pub(super) corrupt: AtomicBool,
+    /// Host clusters that hold metadata (header, L1, refcounts, L2 tables, snapshot table):
+    /// guest data is never written there (QEMU's overlap check).
+    pub(super) metadata: RwLock<HashSet<u64>>,
+    pub(super) writer: Option<Mutex<WriterState>>,
 }
 
 impl Qcow2Layer {
@@ -41,11 +74,14 @@ impl Qcow2Layer {
             role: role.clone(),
             source,
         })?;
-        if file.options().writable {
+        let writable = file.options().writable;
+        if writable {
             if header.is_corrupt() {
                 return Err(OpenError::CorruptWritable { fd, role });
             }
-            return Err(OpenError::Qcow2Writes { fd, role });
+            if header.is_dirty() {
+                return Err(OpenError::DirtyWritable { fd, role });
+            }
         }
         match (header.backing_file(), &backing) {
             (Some(name), None) => {
@@ -78,20 +114,127 @@ impl Qcow2Layer {
             (None, None) => {}
         }
         let l1_bytes = file.read_at(header.l1_table_offset().0, header.l1_table_bytes())?;
-        let l1 = l1_bytes
+        let l1: Vec<AtomicU64> = l1_bytes
             .chunks_exact(8)
-            .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .map(|c| {
+                AtomicU64::new(u64::from_be_bytes([
+                    c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
+                ]))
+            })
             .collect();
         let geometry = header.geometry();
         let tables = usize::try_from(DEFAULT_L2_CACHE_BYTES / geometry.cluster_size()).unwrap_or(1);
-        Ok(Qcow2Layer {
+        let mut layer = Qcow2Layer {
             file,
             header,
             geometry,
             l1,
             l2: L2Cache::new(tables),
             backing,
-        })
+            writable,
+            corrupt: AtomicBool::new(false),
+            metadata: RwLock::new(HashSet::new()),
+            writer: None,
+        };
+        if writable {
+            layer.open_for_writing(size)?;
+        }
+        Ok(layer)
+    }
+
+    /// Loads what writing needs (the refcount table, the metadata map) and clears the
+    /// autoclear bits vublk does not keep in sync, before any write.
+    fn open_for_writing(&mut self, file_size: u64) -> Result<(), OpenError> {
+        let fd = self.file.raw_fd();
+        let role = self.file.options().role.clone();
+        let cs = self.geometry.cluster_size();
+        let update_err = |e: UpdateError| OpenError::Update {
+            fd,
+            role: role.clone(),
+            source: e,
+        };
+        let storage = FileStorage::new(vec![&self.file]);
+        let metadata_bound = self.header.size() / cs * 8 * 3 + 64 * cs;
+        let limit = file_size
+            .saturating_add(self.header.size())
+            .saturating_add(metadata_bound)
+            .saturating_add(GROWTH_SLACK_BYTES);
+        let refcounts = Refcounts::load(
+            &storage,
+            fd,
+            self.geometry,
+            self.header.refcount_geometry(),
+            self.header.refcount_table_offset(),
+            self.header.refcount_table_clusters(),
+            limit,
+        )
+        .map_err(update_err)?;
+        let mut metadata: HashSet<u64> = refcounts.metadata_clusters().into_iter().collect();
+        metadata.insert(0);
+        let l1_first = self.header.l1_table_offset().0 / cs;
+        metadata.extend(l1_first..l1_first + self.header.l1_table_bytes().div_ceil(cs).max(1));
+        for (i, raw) in self.l1.iter().enumerate() {
+            if let Ok(L1Entry::L2Table { offset, .. }) =
+                decode_l1_entry(raw.load(Ordering::Relaxed), i as u64, &self.geometry)
+            {
+                metadata.insert(offset.0 / cs);
+            }
+        }
+        if self.header.nb_snapshots() > 0 {
+            let first = self.header.snapshots_offset().0 / cs;
+            let bytes = u64::from(self.header.nb_snapshots()) * SNAPSHOT_ENTRY_MIN_BYTES;
+            metadata.extend(first..first + bytes.div_ceil(cs).max(1));
+        }
+        if self.header.version() == Version::V3 && self.header.autoclear_features() != 0 {
+            let unit = usize::try_from(meta_unit(cs)).unwrap_or(512);
+            let mut head = vec![0u8; unit];
+            let io_err = |what: &str| {
+                let what = what.to_string();
+                let role = role.clone();
+                move |source| OpenError::Update {
+                    fd,
+                    role,
+                    source: UpdateError::Io { fd, what, source },
+                }
+            };
+            storage
+                .read_at(FileId(0), 0, &mut head)
+                .map_err(io_err("reading the header"))?;
+            let a = AUTOCLEAR_FEATURES_OFFSET;
+            head[a..a + 8].copy_from_slice(&0u64.to_be_bytes());
+            storage
+                .write_at(FileId(0), 0, &head)
+                .map_err(io_err("clearing the autoclear features"))?;
+            storage
+                .sync(FileId(0))
+                .map_err(io_err("fdatasync after clearing the autoclear features"))?;
+            log::info!(
+                "fd {fd} ({role}): cleared autoclear features {:#x} (bitmaps are not kept in sync by vublk)",
+                self.header.autoclear_features()
+            );
+            self.header.clear_autoclear_features();
+        }
+        *self.metadata.get_mut().unwrap_or_else(|e| e.into_inner()) = metadata;
+        self.writer = Some(Mutex::new(WriterState {
+            refcounts,
+            fresh_from: file_size.div_ceil(cs),
+        }));
+        Ok(())
+    }
+
+    pub(super) fn fd(&self) -> i32 {
+        self.file.raw_fd()
+    }
+
+    pub(super) fn geometry(&self) -> &ClusterGeometry {
+        &self.geometry
+    }
+
+    pub(super) fn is_metadata(&self, host_cluster: u64) -> bool {
+        self.metadata
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&host_cluster)
     }
 
     pub fn header(&self) -> &Qcow2Header {
@@ -104,10 +247,11 @@ impl Qcow2Layer {
     }
 
     /// The L2 entry for `loc`, or `NeedTables` when its table is not cached.
-    fn l2_entry(&self, loc: &GuestLocation) -> Result<L2Entry, MapError> {
-        let Some(&raw) = usize::try_from(loc.l1_index)
+    pub(super) fn l2_entry(&self, loc: &GuestLocation) -> Result<L2Entry, MapError> {
+        let Some(raw) = usize::try_from(loc.l1_index)
             .ok()
             .and_then(|i| self.l1.get(i))
+            .map(|a| a.load(Ordering::Acquire))
         else {
             // The header check sized L1 for the whole disk; past it nothing is allocated.
             return Ok(L2Entry::Unallocated);
@@ -125,11 +269,13 @@ impl Qcow2Layer {
                 file: FileId(0),
                 offset: l2_offset.0,
                 len: self.geometry.cluster_size(),
+                stamp: self.l2.stamp(),
             }]));
         };
         let raw = usize::try_from(loc.l2_index)
             .ok()
-            .and_then(|i| table.get(i).copied())
+            .and_then(|i| table.get(i))
+            .map(|e| e.load(Ordering::Acquire))
             .ok_or_else(|| corrupt(&"L2 index outside its table"))?;
         decode_l2_entry(
             raw,
@@ -214,7 +360,7 @@ impl Layer for Qcow2Layer {
     }
 
     fn read_only(&self) -> bool {
-        true
+        !self.writable || self.corrupt.load(Ordering::Relaxed)
     }
 
     fn map(
@@ -226,11 +372,22 @@ impl Layer for Qcow2Layer {
     ) -> Result<(), MapError> {
         check_range(offset, len, self.virtual_size())?;
         match kind {
-            MapKind::Read => {}
-            MapKind::Write | MapKind::WriteZeroes { .. } | MapKind::Discard => {
-                return Err(MapError::ReadOnly)
+            MapKind::Read | MapKind::Write => {}
+            MapKind::WriteZeroes { .. } | MapKind::Discard => {
+                return Err(if self.read_only() {
+                    MapError::ReadOnly
+                } else {
+                    MapError::NeedUpdate
+                });
             }
         }
+        let writing = kind == MapKind::Write;
+        if writing && self.read_only() {
+            return Err(MapError::ReadOnly);
+        }
+        // A write with a cluster that cannot be written in place goes to the metadata thread,
+        // once every table the range needs is known to be cached.
+        let mut needs_update = false;
         let cluster_size = self.geometry.cluster_size();
         let table_span = self.geometry.bytes_per_l2_table();
         let start = out.len();
@@ -239,10 +396,16 @@ impl Layer for Qcow2Layer {
         // Tables the range needs that are not cached: mapping goes on past them to name them
         // all, and only fails (asking for them) at the end.
         let mut missing: Vec<TableLoad> = Vec::new();
+        // One load per table (the same table is named once per cluster of the backing range
+        // it maps), with the earliest stamp, which is the conservative one.
         let need = |loads: Vec<TableLoad>, missing: &mut Vec<TableLoad>| {
             for load in loads {
-                if !missing.contains(&load) {
-                    missing.push(load);
+                match missing
+                    .iter_mut()
+                    .find(|m| (m.file, m.offset, m.len) == (load.file, load.offset, load.len))
+                {
+                    Some(m) => m.stamp = m.stamp.min(load.stamp),
+                    None => missing.push(load),
                 }
             }
         };
@@ -264,6 +427,26 @@ impl Layer for Qcow2Layer {
                     return Err(e);
                 }
             };
+            if writing {
+                match entry {
+                    L2Entry::Normal {
+                        host_offset,
+                        copied: true,
+                    } if !self.is_metadata(host_offset.0 / cluster_size) => {
+                        push(
+                            out,
+                            Piece::Data {
+                                file: FileId(0),
+                                offset: host_offset.0 + loc.offset_in_cluster,
+                                len: n,
+                            },
+                        );
+                    }
+                    _ => needs_update = true,
+                }
+                pos += n;
+                continue;
+            }
             let mapped = match entry {
                 L2Entry::Unallocated => self.map_backing(pos, n, out),
                 L2Entry::Zero { .. } => {
@@ -312,7 +495,19 @@ impl Layer for Qcow2Layer {
             out.truncate(start);
             return Err(MapError::NeedTables(missing));
         }
+        if needs_update {
+            out.truncate(start);
+            return Err(MapError::NeedUpdate);
+        }
         Ok(())
+    }
+
+    fn update(&self, io: &dyn Storage, update: Update<'_>) -> Result<(), UpdateError> {
+        self.run_update(io, update)
+    }
+
+    fn close(&self, io: &dyn Storage) -> Result<(), UpdateError> {
+        self.close_writer(io)
     }
 
     fn load_table(&self, load: TableLoad, bytes: &[u8]) -> Result<(), MapError> {
@@ -325,7 +520,8 @@ impl Layer for Qcow2Layer {
                     bytes.len()
                 )));
             }
-            self.l2.insert(load.offset, bytes);
+            // A refused load (it may predate an update) is simply asked for again.
+            let _ = self.l2.insert_load(load.offset, bytes, load.stamp);
             return Ok(());
         }
         match (&self.backing, load.file.0.checked_sub(1)) {

@@ -19,9 +19,11 @@ pub mod header;
 mod layer;
 pub mod limits;
 pub mod probe;
+mod refcount;
 pub mod types;
+mod update;
 
-pub use cache::{L2Cache, DEFAULT_L2_CACHE_BYTES};
+pub use cache::{L2Cache, L2Table, DEFAULT_L2_CACHE_BYTES};
 pub use entries::{
     decode_l1_entry, decode_l2_entry, decode_refcount_table_entry, encode_l1_entry,
     encode_l2_entry, encode_refcount_table_entry, refcount_get, refcount_set, refcount_update,

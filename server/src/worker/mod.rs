@@ -20,6 +20,8 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vublk_formats::{decompress_cluster, ImageFileOptions, MapError, MapKind, Piece, TableLoad};
 
+use crate::updater::UpdateJob;
+
 use crate::disk::Disk;
 use crate::engine::{EngineError, QueueRing};
 use crate::virtio_blk::request::{self, Descriptor, DiskRange, Op, Outcome, Request, Segment};
@@ -84,6 +86,8 @@ pub struct QueueShared {
     wake: EventFd,
     control: Mutex<Control>,
     changed: Condvar,
+    /// Results from the metadata thread: (token, ok), posted before it pokes `wake`.
+    update_replies: Mutex<Vec<(u64, bool)>>,
 }
 
 impl QueueShared {
@@ -95,6 +99,7 @@ impl QueueShared {
             wake: EventFd::new(EFD_NONBLOCK)?,
             control: Mutex::new(Control::default()),
             changed: Condvar::new(),
+            update_replies: Mutex::new(Vec::new()),
         }))
     }
 
@@ -234,6 +239,8 @@ pub fn spawn(
                 deferred: std::collections::VecDeque::new(),
                 signal: false,
                 broken: false,
+                updating: std::collections::HashMap::new(),
+                next_update_token: 0,
             };
             let _guard = ExitGuard(Arc::clone(&worker.shared));
             worker.run();
@@ -263,6 +270,8 @@ pub fn spawn(
 /// How planning a request ended when it did not produce its ops.
 enum Planned {
     NeedTables(Vec<TableLoad>),
+    /// The metadata thread must run it (qcow2 allocation, COW, discard, write-zeroes).
+    NeedUpdate,
     Failed,
 }
 
@@ -304,6 +313,9 @@ struct Worker {
     signal: bool,
     /// The avail ring was found corrupt: stop popping until the queue is set up again.
     broken: bool,
+    /// Requests at the metadata thread, by token.
+    updating: std::collections::HashMap<u64, InFlight>,
+    next_update_token: u64,
 }
 
 impl Worker {
@@ -352,6 +364,7 @@ impl Worker {
                 std::thread::sleep(SUBMIT_ERROR_BACKOFF);
             }
             self.reap();
+            self.take_update_replies();
             self.launch_deferred();
             self.notify_guest();
         }
@@ -649,7 +662,7 @@ impl Worker {
                 inflight.ops.clear();
                 for load in loads {
                     inflight.loads += 1;
-                    if !inflight.loaded.insert(load) {
+                    if !inflight.loaded.insert((load.file, load.offset)) {
                         inflight.repeated_loads += 1;
                     }
                     match read_into_op(load.file.0, load.offset, load.len, ReadPurpose::Table(load))
@@ -671,6 +684,10 @@ impl Worker {
                     inflight.ops.clear();
                     return self.finish_now(inflight, VIRTIO_BLK_S_IOERR);
                 }
+            }
+            Err(Planned::NeedUpdate) => {
+                inflight.ops.clear();
+                return self.send_update(inflight);
             }
             Err(Planned::Failed) => return self.finish_now(inflight, VIRTIO_BLK_S_IOERR),
         }
@@ -723,6 +740,82 @@ impl Worker {
         self.in_flight += 1;
         for idx in 0..op_count {
             self.push_op(slot, idx);
+        }
+    }
+
+    /// Hands `inflight` to the disk's metadata thread; it completes when the reply arrives
+    /// (see [`Worker::take_update_replies`]).
+    fn send_update(&mut self, inflight: InFlight) {
+        let job = match inflight.request.as_ref() {
+            Some(Op::Write { range, data }) => {
+                let Ok(len) = usize::try_from(range.len) else {
+                    return self.finish_now(inflight, VIRTIO_BLK_S_IOERR);
+                };
+                let mut bytes = vec![0u8; len];
+                if read_guest(&inflight.mem, data, &mut bytes).is_err() {
+                    return self.finish_now(inflight, VIRTIO_BLK_S_IOERR);
+                }
+                UpdateJob::Write {
+                    offset: range.offset,
+                    data: bytes,
+                }
+            }
+            Some(Op::WriteZeroes { ranges, unmap }) => UpdateJob::WriteZeroes {
+                ranges: ranges.iter().map(|r| (r.offset, r.len)).collect(),
+                unmap: *unmap && self.disk.params().discard,
+            },
+            Some(Op::Discard { ranges }) => UpdateJob::Discard {
+                ranges: ranges.iter().map(|r| (r.offset, r.len)).collect(),
+            },
+            _ => return self.finish_now(inflight, VIRTIO_BLK_S_IOERR),
+        };
+        let token = self.next_update_token;
+        self.next_update_token += 1;
+        let shared = Arc::clone(&self.shared);
+        let reply = Box::new(move |ok: bool| {
+            shared
+                .update_replies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((token, ok));
+            shared.poke();
+        });
+        self.updating.insert(token, inflight);
+        self.in_flight += 1;
+        if !self.disk.submit_update(job, reply) {
+            log::warn!(
+                "queue {}: the metadata thread is gone; failing the request",
+                self.shared.index
+            );
+            if let Some(inflight) = self.updating.remove(&token) {
+                self.in_flight -= 1;
+                self.finish_now(inflight, VIRTIO_BLK_S_IOERR);
+            }
+        }
+    }
+
+    /// Completes the requests the metadata thread finished.
+    fn take_update_replies(&mut self) {
+        if self.updating.is_empty() {
+            return;
+        }
+        let replies = std::mem::take(
+            &mut *self
+                .shared
+                .update_replies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for (token, ok) in replies {
+            if let Some(inflight) = self.updating.remove(&token) {
+                self.in_flight -= 1;
+                let status = if ok {
+                    VIRTIO_BLK_S_OK
+                } else {
+                    VIRTIO_BLK_S_IOERR
+                };
+                self.finish_now(inflight, status);
+            }
         }
     }
 
@@ -789,6 +882,7 @@ impl Worker {
         match self.disk.layer().map(kind, offset, len, &mut self.pieces) {
             Ok(()) => Ok(()),
             Err(MapError::NeedTables(loads)) => Err(Planned::NeedTables(loads)),
+            Err(MapError::NeedUpdate) => Err(Planned::NeedUpdate),
             Err(e) => {
                 log::warn!("queue {}: {e}", self.shared.index);
                 Err(Planned::Failed)

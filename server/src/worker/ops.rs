@@ -100,7 +100,7 @@ pub struct InFlight {
     /// Table loads so far, the distinct tables among them, and how often a table had to be
     /// loaded again: these bound the map/load loop.
     pub loads: u32,
-    pub loaded: std::collections::HashSet<vublk_formats::TableLoad>,
+    pub loaded: std::collections::HashSet<(vublk_formats::FileId, u64)>,
     pub repeated_loads: u32,
     /// Bytes of op buffers this request holds (counted against the queue's budget).
     pub buffer_bytes: u64,

@@ -1,0 +1,130 @@
+//! The metadata thread: one per writable qcow2 disk, running the requests a layer cannot map
+//! in place (allocating writes, COW, discard, write-zeroes) one at a time.
+//!
+//! Queue workers never block: they copy a write's data out of guest memory, hand the job here
+//! and go on; the reply callback posts the result back to the worker and wakes it through its
+//! ring. One thread serializes every allocation, which is what makes allocating writes to the
+//! same guest cluster safe without a lock table; writes to allocated clusters do not come here.
+//! On shutdown the thread drains its queue and closes the layer (returning reserved clusters,
+//! fdatasync).
+
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use vublk_formats::{FileStorage, Layer, Update};
+
+/// A request for the metadata thread.
+#[derive(Debug)]
+pub enum UpdateJob {
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    WriteZeroes {
+        ranges: Vec<(u64, u64)>,
+        unmap: bool,
+    },
+    Discard {
+        ranges: Vec<(u64, u64)>,
+    },
+}
+
+/// Called on the metadata thread with the job's result (an error is already logged).
+pub type UpdateReply = Box<dyn FnOnce(bool) + Send>;
+
+/// The handle to a disk's metadata thread.
+#[derive(Debug)]
+pub struct Updater {
+    tx: Mutex<Option<Sender<(UpdateJob, UpdateReply)>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Updater {
+    pub fn spawn(layer: Arc<dyn Layer>) -> std::io::Result<Updater> {
+        let (tx, rx) = channel::<(UpdateJob, UpdateReply)>();
+        let thread = std::thread::Builder::new()
+            .name("vublk-meta".into())
+            .spawn(move || {
+                let storage = FileStorage::new(layer.files());
+                for (job, reply) in rx {
+                    let result = run(layer.as_ref(), &storage, &job);
+                    if let Err(e) = &result {
+                        log::warn!("{}", error_chain(e));
+                    }
+                    reply(result.is_ok());
+                }
+                if let Err(e) = layer.close(&storage) {
+                    log::error!("closing the image: {}", error_chain(&e));
+                }
+            })?;
+        Ok(Updater {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Queues `job`; false when the thread is gone (the caller fails the request).
+    pub fn submit(&self, job: UpdateJob, reply: UpdateReply) -> bool {
+        match &*self.tx.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(tx) => tx.send((job, reply)).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Lets the thread finish its queue, close the layer and exit; waits for it.
+    pub fn shutdown(&self) {
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(thread) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            if thread.join().is_err() {
+                log::error!("the metadata thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Updater {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn run(
+    layer: &dyn Layer,
+    storage: &FileStorage<'_>,
+    job: &UpdateJob,
+) -> Result<(), vublk_formats::UpdateError> {
+    match job {
+        UpdateJob::Write { offset, data } => layer.update(
+            storage,
+            Update::Write {
+                offset: *offset,
+                data,
+            },
+        ),
+        UpdateJob::WriteZeroes { ranges, unmap } => ranges.iter().try_for_each(|&(offset, len)| {
+            layer.update(
+                storage,
+                Update::WriteZeroes {
+                    offset,
+                    len,
+                    unmap: *unmap,
+                },
+            )
+        }),
+        UpdateJob::Discard { ranges } => ranges
+            .iter()
+            .try_for_each(|&(offset, len)| layer.update(storage, Update::Discard { offset, len })),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
