@@ -117,6 +117,15 @@ fn assert_clean_and_equal(kind: BackendKind, daemon: Daemon, top: &Path, model: 
 }
 
 fn overlay_over_raw_base(kind: BackendKind) {
+    overlay_over_raw_base_with(kind, false);
+}
+
+/// The same with O_DIRECT (`--cache none`): metadata goes through aligned buffers too.
+fn overlay_over_raw_base_o_direct(kind: BackendKind) {
+    overlay_over_raw_base_with(kind, true);
+}
+
+fn overlay_over_raw_base_with(kind: BackendKind, direct: bool) {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.raw");
     let size = 16 * MIB;
@@ -147,6 +156,7 @@ fn overlay_over_raw_base(kind: BackendKind) {
         format: "qcow2".into(),
         num_queues: 2,
         backing: vec![Backing::new(&base, "raw")],
+        direct,
         ..DiskOptions::raw(&top)
     };
     let daemon = Daemon::start(kind, &opts, &socket).unwrap();
@@ -211,4 +221,8 @@ fn compressed_image_with_a_snapshot(kind: BackendKind) {
     );
 }
 
-both_backends!(overlay_over_raw_base, compressed_image_with_a_snapshot);
+both_backends!(
+    overlay_over_raw_base,
+    overlay_over_raw_base_o_direct,
+    compressed_image_with_a_snapshot
+);

@@ -64,6 +64,15 @@ impl Qcow2Layer {
     /// Opens `file` as qcow2 over `backing`. `backing` must be given exactly when the image
     /// names a backing file (the name is reported, never opened), in the format it names.
     pub fn open(file: ImageFile, backing: Option<Box<dyn Layer>>) -> Result<Qcow2Layer, OpenError> {
+        Self::open_with_l2_cache(file, backing, DEFAULT_L2_CACHE_BYTES)
+    }
+
+    /// [`Qcow2Layer::open`] with an L2 cache of `l2_cache_bytes` (at least one table).
+    pub fn open_with_l2_cache(
+        file: ImageFile,
+        backing: Option<Box<dyn Layer>>,
+        l2_cache_bytes: u64,
+    ) -> Result<Qcow2Layer, OpenError> {
         let fd = file.raw_fd();
         let role = file.options().role.clone();
         let size = file.size()?;
@@ -123,7 +132,7 @@ impl Qcow2Layer {
             })
             .collect();
         let geometry = header.geometry();
-        let tables = usize::try_from(DEFAULT_L2_CACHE_BYTES / geometry.cluster_size()).unwrap_or(1);
+        let tables = usize::try_from(l2_cache_bytes / geometry.cluster_size()).unwrap_or(1);
         let mut layer = Qcow2Layer {
             file,
             header,
