@@ -29,6 +29,16 @@ const DEFAULT_SIZE_MIB: u64 = 1024;
 /// Upper bound on `--reps` and on `--seconds`, so a typo cannot start a day-long run.
 const MAX_REPS: u32 = 100;
 const MAX_SECONDS: f64 = 3600.0;
+/// Default virtual size of a qcow2-overlay overlay: 64 GiB is 1 Mi clusters of 64 KiB, so a
+/// workload that allocates the default budget (64 Ki clusters) finds at least 94 % of the
+/// clusters it hits unallocated; its L2 tables (8 MiB) fit both daemons' default caches.
+const DEFAULT_OVERLAY_GIB: u64 = 64;
+/// Largest `--overlay-gib`: the overlay is sparse, but its L2 tables must still fit the L2
+/// caches (32 MiB in both daemons covers 256 GiB at 64 KiB clusters).
+const MAX_OVERLAY_GIB: u64 = 256;
+/// Default allocation budget of one qcow2-overlay workload: 4 GiB of clusters, so the overlay,
+/// the raw image and fio's copy of it stay near 6 GiB of disk at worst.
+const DEFAULT_OVERLAY_BUDGET_MIB: u64 = 4096;
 
 pub const HELP: &str = "\
 vublk-bench: compare vublk with qemu-storage-daemon (and the host ceiling, fio) on one image
@@ -40,25 +50,40 @@ OPTIONS:
     --backends LIST     comma-separated subset of vublk,qsd,host [default: vublk,qsd,host]
                         (host = fio with ioengine=io_uring, direct=1 on the same file)
     --workloads LIST    comma-separated subset of the workloads below [default: all; the
-                        read workloads for a qcow2 --image-kind]
+                        read workloads for qcow2-compressed, the write workloads for
+                        qcow2-overlay]
     --image-kind KIND   what the daemons serve [default: raw]:
                           raw               the raw image, read-write
                           qcow2             a fully allocated qcow2 (64 KiB clusters) converted
-                                            from the raw image, served read-only
+                                            from the raw image, read-write: writes go in place.
+                                            Restored from a pristine copy before every daemon
+                                            start
                           qcow2-compressed  the same with every cluster zlib-compressed, from a
                                             compressible raw image, served read-only
-                        host (fio) always runs on the raw image, as a reference
+                          qcow2-overlay     a fresh, empty qcow2 overlay (64 KiB clusters) over
+                                            the raw image per workload, read-write: every write
+                                            to a new cluster allocates it (first-write
+                                            allocation, copy-on-write from the raw image)
+                        host (fio) always runs on a raw file, as a reference
+    --overlay-gib N     virtual size of a qcow2-overlay overlay, so that random 4k writes keep
+                        hitting unallocated clusters [default: 64]
+    --overlay-budget-mib N
+                        at most N MiB of clusters a qcow2-overlay workload may allocate: the
+                        measured interval ends early once the requests issued could have
+                        allocated that much, which bounds the overlay's disk use [default: 4096]
     --reps N            repetitions; backends run in rotated order each rep [default: 5]
     --seconds S         measured seconds per workload [default: 4]
     --warmup S          warm-up seconds before each measured interval [default: 1]
     --quick             1 rep, 3 s, 0.5 s warm-up (explicit --reps/--seconds/--warmup win)
     --image PATH        raw image to use; created fully written if missing, kept afterwards.
-                        Its contents are OVERWRITTEN by the write workloads. With a qcow2
-                        --image-kind it is the source of the qcow2 file (made afresh in the work
-                        directory each run) and only read.
+                        With --image-kind raw its contents are OVERWRITTEN by the write
+                        workloads. With a qcow2 --image-kind it is the source of the qcow2 file
+                        or the overlay's backing file, and only read (fio writes to a copy)
     --size-mib N        size of a created image in MiB [default: 1024]
     --dir DIR           work directory (image, sockets, daemon logs) is a fresh temporary
                         directory inside DIR, removed at exit [default: target/vublk-bench]
+    --keep              keep the work directory at exit (also after an error), to inspect the
+                        images and daemon logs; it may hold several GiB
     --vublk-bin PATH    vublk binary [default: $VUBLK_BIN, else target/release/vublk]
     --fio PATH          fio binary [default: fio]
     --json PATH         also write every raw sample and the medians as JSON to PATH
@@ -100,31 +125,56 @@ impl Backend {
 }
 
 /// What the daemons serve. The benchmark always creates (or is given) a raw image; the qcow2
-/// kinds are converted from it and served read-only (vublk does not write qcow2 yet).
+/// kinds are converted from it, or (the overlay) made over it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ImageKind {
     /// The raw image itself, read-write: all six workloads.
     Raw,
-    /// A qcow2 image with every cluster allocated and uncompressed.
+    /// A qcow2 image with every cluster allocated and uncompressed, read-write: all six
+    /// workloads, writes in place.
     Qcow2,
-    /// A qcow2 image with every cluster zlib-compressed.
+    /// A qcow2 image with every cluster zlib-compressed, read-only: the read workloads.
     Qcow2Compressed,
+    /// An empty qcow2 overlay over the raw image, read-write, fresh for every workload: the
+    /// write workloads, nearly every one of whose requests allocates a cluster.
+    Qcow2Overlay,
 }
 
 impl ImageKind {
-    pub const ALL: [ImageKind; 3] = [ImageKind::Raw, ImageKind::Qcow2, ImageKind::Qcow2Compressed];
+    pub const ALL: [ImageKind; 4] = [
+        ImageKind::Raw,
+        ImageKind::Qcow2,
+        ImageKind::Qcow2Compressed,
+        ImageKind::Qcow2Overlay,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             ImageKind::Raw => "raw",
             ImageKind::Qcow2 => "qcow2",
             ImageKind::Qcow2Compressed => "qcow2-compressed",
+            ImageKind::Qcow2Overlay => "qcow2-overlay",
         }
     }
 
-    /// Whether the daemons serve a qcow2 file (read-only) rather than the raw image.
+    /// Whether the daemons serve a qcow2 file rather than the raw image.
     pub fn is_qcow2(self) -> bool {
         self != ImageKind::Raw
+    }
+
+    /// Whether the daemons serve the image read-only.
+    pub fn read_only(self) -> bool {
+        self == ImageKind::Qcow2Compressed
+    }
+
+    /// Whether workloads in direction `op` measure what this kind is about: no writes on a
+    /// read-only image, and only writes (allocations) on an overlay.
+    pub fn runs(self, op: Op) -> bool {
+        match self {
+            ImageKind::Raw | ImageKind::Qcow2 => true,
+            ImageKind::Qcow2Compressed => op == Op::Read,
+            ImageKind::Qcow2Overlay => op == Op::Write,
+        }
     }
 
     fn parse(s: &str) -> Result<ImageKind> {
@@ -132,7 +182,11 @@ impl ImageKind {
             .into_iter()
             .find(|k| k.name() == s)
             .with_context(|| {
-                format!("unknown image kind {s:?} (expected raw, qcow2 or qcow2-compressed)")
+                let names: Vec<&str> = ImageKind::ALL.iter().map(|k| k.name()).collect();
+                format!(
+                    "unknown image kind {s:?} (expected one of {})",
+                    names.join(", ")
+                )
             })
     }
 }
@@ -148,7 +202,13 @@ pub struct Options {
     pub warmup: Duration,
     pub image: Option<PathBuf>,
     pub size: u64,
+    /// Virtual size of a qcow2-overlay overlay, bytes.
+    pub overlay_size: u64,
+    /// Bytes of clusters one qcow2-overlay workload may allocate at most.
+    pub overlay_budget: u64,
     pub dir: Option<PathBuf>,
+    /// Keep the work directory at exit.
+    pub keep: bool,
     pub vublk_bin: Option<PathBuf>,
     pub fio: PathBuf,
     pub json: Option<PathBuf>,
@@ -169,8 +229,11 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed> {
     let mut seconds = None;
     let mut warmup = None;
     let mut quick = false;
+    let mut keep = false;
     let mut image = None;
     let mut size_mib = DEFAULT_SIZE_MIB;
+    let mut overlay_gib = DEFAULT_OVERLAY_GIB;
+    let mut overlay_budget_mib = DEFAULT_OVERLAY_BUDGET_MIB;
     let mut dir = None;
     let mut vublk_bin = None;
     let mut fio = PathBuf::from("fio");
@@ -193,6 +256,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed> {
         match name.as_str() {
             "-h" | "--help" => return Ok(Parsed::Help),
             "--quick" => quick = true,
+            "--keep" => keep = true,
             "--backends" => backends = Some(parse_list(&value()?, Backend::parse)?),
             "--workloads" => workloads = Some(parse_list(&value()?, Workload::parse)?),
             "--image-kind" => image_kind = ImageKind::parse(&value()?)?,
@@ -201,6 +265,10 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed> {
             "--warmup" => warmup = Some(parse_num::<f64>("--warmup", &value()?)?),
             "--image" => image = Some(PathBuf::from(value()?)),
             "--size-mib" => size_mib = parse_num::<u64>("--size-mib", &value()?)?,
+            "--overlay-gib" => overlay_gib = parse_num::<u64>("--overlay-gib", &value()?)?,
+            "--overlay-budget-mib" => {
+                overlay_budget_mib = parse_num::<u64>("--overlay-budget-mib", &value()?)?;
+            }
             "--dir" => dir = Some(PathBuf::from(value()?)),
             "--vublk-bin" => vublk_bin = Some(PathBuf::from(value()?)),
             "--fio" => fio = PathBuf::from(value()?),
@@ -230,25 +298,39 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed> {
         .filter(|&s| s > 0)
         .with_context(|| format!("--size-mib {size_mib} is zero or too large"))?;
 
+    if !(1..=MAX_OVERLAY_GIB).contains(&overlay_gib) {
+        bail!("--overlay-gib must be between 1 and {MAX_OVERLAY_GIB}, got {overlay_gib}");
+    }
+    let overlay_size = overlay_gib << 30;
+    let overlay_budget = overlay_budget_mib
+        .checked_mul(1 << 20)
+        .filter(|&b| b > 0)
+        .with_context(|| {
+            format!("--overlay-budget-mib {overlay_budget_mib} is zero or too large")
+        })?;
+
     let workloads = dedup(workloads.unwrap_or_else(|| {
         Workload::ALL
             .into_iter()
-            .filter(|w| !image_kind.is_qcow2() || w.op == Op::Read)
+            .filter(|w| image_kind.runs(w.op))
             .collect()
     }));
-    if image_kind.is_qcow2() {
-        let writes: Vec<&str> = workloads
-            .iter()
-            .filter(|w| w.op == Op::Write)
-            .map(|w| w.name)
-            .collect();
-        if !writes.is_empty() {
-            bail!(
-                "--image-kind {} is served read-only: drop {} from --workloads",
-                image_kind.name(),
-                writes.join(", ")
-            );
-        }
+    let refused: Vec<&str> = workloads
+        .iter()
+        .filter(|w| !image_kind.runs(w.op))
+        .map(|w| w.name)
+        .collect();
+    if !refused.is_empty() {
+        let why = if image_kind.read_only() {
+            "is served read-only"
+        } else {
+            "measures first-write allocation, with write workloads only"
+        };
+        bail!(
+            "--image-kind {} {why}: drop {} from --workloads",
+            image_kind.name(),
+            refused.join(", ")
+        );
     }
 
     Ok(Parsed::Run(Box::new(Options {
@@ -260,7 +342,10 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed> {
         warmup: Duration::from_secs_f64(warmup),
         image,
         size,
+        overlay_size,
+        overlay_budget,
         dir,
+        keep,
         vublk_bin,
         fio,
         json,

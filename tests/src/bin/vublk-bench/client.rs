@@ -29,7 +29,7 @@ const LIVENESS_INTERVAL: Duration = Duration::from_secs(1);
 /// backlog.
 const QUEUE_SIZE: i32 = 256;
 /// Byte written into every write buffer (a non-zero pattern, so no backend can shortcut zeroes).
-const WRITE_PATTERN: u8 = 0xa5;
+pub const WRITE_PATTERN: u8 = 0xa5;
 /// Latency samples pre-allocated per measured second, and at most in total (growing beyond
 /// this is harmless, only slower).
 const LAT_RESERVE_PER_SECOND: u64 = 100_000;
@@ -40,6 +40,15 @@ const LAT_RESERVE_MAX: usize = 10_000_000;
 pub struct Timing {
     pub warmup: Duration,
     pub measure: Duration,
+}
+
+/// What one workload run submitted in all, warm-up and drain included.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Issued {
+    /// Requests submitted (and completed) from the first to the last.
+    pub requests: u64,
+    /// Whether the request budget ended the measured interval before its time.
+    pub cut_short: bool,
 }
 
 /// A started blkio connection with one queue and one buffer region mapped into the backend.
@@ -159,13 +168,18 @@ impl Client {
     /// Runs `workload` for `timing.warmup` then measures it for `timing.measure`, keeping
     /// `workload.queue_depth` requests in flight. `cpu` reads the backend's CPU time at the
     /// edges of the measured interval; `alive` fails if the backend has gone away.
+    ///
+    /// With `max_requests`, no more than that many requests are submitted in all: once the
+    /// last is, the measured interval ends at the next completion (and the run fails if it
+    /// had not yet begun, i.e. the budget ran out during the warm-up).
     pub fn run(
         &mut self,
         workload: &Workload,
         timing: Timing,
+        max_requests: Option<u64>,
         cpu: &CpuClock,
         alive: &mut dyn FnMut() -> Result<()>,
-    ) -> Result<Sample> {
+    ) -> Result<(Sample, Issued)> {
         let qd = workload.queue_depth;
         let bs = workload.block_size;
         let bs_usize = usize::try_from(bs)?;
@@ -182,6 +196,10 @@ impl Client {
             "{}: backend accepts at most {limit} bytes per request",
             workload.name
         );
+        if workload.op == Op::Write {
+            // A read workload before this one left the data it read in the buffers.
+            self.fill_pattern();
+        }
         let mut offsets = Offsets::new(workload, self.capacity)?;
         let mut completions: Vec<MaybeUninit<Completion>> =
             (0..qd).map(|_| MaybeUninit::uninit()).collect();
@@ -196,6 +214,12 @@ impl Client {
             usize::try_from(reserve).map_or(LAT_RESERVE_MAX, |r| r.min(LAT_RESERVE_MAX)),
         );
 
+        let budget = max_requests.unwrap_or(u64::MAX);
+        ensure!(
+            budget >= qd as u64,
+            "{}: a budget of {budget} requests is below the queue depth",
+            workload.name
+        );
         let start = Instant::now();
         let warm_end = start + timing.warmup;
         let measure_end = warm_end + timing.measure;
@@ -205,6 +229,8 @@ impl Client {
             submitted_at[slot] = start;
         }
         let mut in_flight = qd;
+        let mut submitted = qd as u64;
+        let mut cut_short = false;
 
         // A batch of completions observed at `now` counts iff t0 < now <= t1, where t0 is the
         // first observation at or after `warm_end` and t1 the first at or after `measure_end`.
@@ -215,12 +241,14 @@ impl Client {
             let n = self.wait(&mut completions, alive)?;
             let now = Instant::now();
             let counting = t0.is_some() && t1.is_none();
+            let spent = submitted >= budget;
             if t0.is_none() && now >= warm_end {
                 t0 = Some((now, cpu.read()?));
-            } else if counting && now >= measure_end {
+            } else if counting && (now >= measure_end || spent) {
+                cut_short = now < measure_end;
                 t1 = Some((now, cpu.read()?));
             }
-            let stopped = t1.is_some();
+            let stopped = t1.is_some() || spent;
             for c in &completions[..n] {
                 // SAFETY: do_io returned `n`, and blkio initializes exactly the first `n`
                 // elements of the slice it is given before returning that count
@@ -242,24 +270,47 @@ impl Client {
                     lat.record(now.duration_since(submitted_at[slot]));
                     ios += 1;
                 }
-                if !stopped {
+                if !stopped && submitted < budget {
                     slot_offset[slot] = offsets.next_offset();
                     self.submit(workload.op, slot, slot_offset[slot], bs_usize);
                     submitted_at[slot] = now;
                     in_flight += 1;
+                    submitted += 1;
                 }
             }
         }
 
+        ensure!(
+            t0.is_some(),
+            "{}: all {submitted} requests of the budget were done before the warm-up ended",
+            workload.name
+        );
         let ((t0, cpu0), (t1, cpu1)) = t0.zip(t1).context("measured interval never ended")?;
-        Ok(Sample {
+        let sample = Sample {
             ios,
             bytes: ios * bs,
             elapsed: t1.duration_since(t0),
             lat_mean_us: lat.mean_us(),
             lat_p99_us: lat.percentile_us(99),
             cpu: Some(cpu.elapsed(cpu0, cpu1)),
-        })
+        };
+        let issued = Issued {
+            requests: submitted,
+            cut_short,
+        };
+        Ok((sample, issued))
+    }
+
+    /// Fills the whole buffer region with [`WRITE_PATTERN`], between requests.
+    fn fill_pattern(&mut self) {
+        // SAFETY: the region is a live mapping of `region.len` bytes at `region.addr` until the
+        // `Blkio` drops (not before `self` does). `run` and `read_at` return `Ok` only once
+        // every request they submitted completed, and the benchmark drops a client after an
+        // `Err`; so no request is in flight and the backend does not access the region while
+        // this slice exists.
+        let buf =
+            unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, self.region.len) };
+        buf.fill(WRITE_PATTERN);
     }
 
     /// Submits queued requests and waits for at least one completion, checking `alive` every

@@ -1,16 +1,19 @@
 //! The image every backend serves: a raw file created fully written (not sparse), or checked if
-//! given, and for the qcow2 image kinds a fully allocated qcow2 converted from it.
+//! given; for the qcow2 image kinds a fully allocated qcow2 converted from it (and copies of
+//! that), or an empty qcow2 overlay over it.
 //!
 //! Reads of a hole or of an unwritten extent never reach the disk, so a benchmark on a sparse
-//! file would measure the filesystem, not the I/O path; likewise every cluster of a qcow2 image
-//! is allocated, so no read is answered from metadata alone. This module only writes and
-//! inspects those files (through `qemu-img` for qcow2); it does not know who reads them.
+//! file would measure the filesystem, not the I/O path; likewise every cluster of a converted
+//! qcow2 image is allocated, so no read is answered from metadata alone. This module only
+//! writes and inspects those files (through `qemu-img` for qcow2); it does not know who reads
+//! them.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Output};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
@@ -168,13 +171,6 @@ impl Qcow2Image {
     pub fn l2_metadata_bytes(&self) -> u64 {
         (self.total_clusters * L2_ENTRY_BYTES).next_multiple_of(self.cluster_size)
     }
-
-    /// QEMU's default qcow2 `l2-cache-size` for this image on Linux (block/qcow2.c
-    /// `read_cache_sizes`: `MIN(max_l2_cache, DEFAULT_L2_CACHE_MAX_SIZE)`, the latter 32 MiB
-    /// with CONFIG_LINUX since QEMU 3.1): just enough to map the whole image, at most 32 MiB.
-    pub fn qemu_default_l2_cache_bytes(&self) -> u64 {
-        self.l2_metadata_bytes().min(32 << 20)
-    }
 }
 
 /// Converts `raw` into a new qcow2 file `dst` with [`QCOW2_CLUSTER_SIZE`] clusters, every one
@@ -244,13 +240,197 @@ pub fn convert_qcow2(raw: &Path, dst: &Path, compress: bool) -> Result<Qcow2Imag
     Ok(image)
 }
 
-/// Runs `qemu-img ARGS FILE` and parses its JSON output.
-fn qemu_img_json(args: &[&str], file: &Path) -> Result<Value> {
-    let out = Command::new(QEMU_IMG)
+/// Copies `src` to a new `dst` (replacing it) without sharing extents (`--reflink=never`: a
+/// write to a shared extent would be a filesystem copy-on-write, not the in-place write being
+/// measured) and keeping holes, then syncs `dst` and drops it from the page cache, so the
+/// copy's writeback does not run under the next measurement.
+pub fn copy_file(src: &Path, dst: &Path) -> Result<()> {
+    let _ = std::fs::remove_file(dst);
+    let out = Command::new("cp")
+        .args(["--sparse=always", "--reflink=never", "--"])
+        .arg(src)
+        .arg(dst)
+        .output()
+        .context("running cp")?;
+    ensure!(
+        out.status.success(),
+        "cp {} {} failed ({}): {}",
+        src.display(),
+        dst.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    sync_and_drop_cache(dst)
+}
+
+/// fsyncs `path` and asks the kernel to drop its pages from the page cache.
+fn sync_and_drop_cache(path: &Path) -> Result<()> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    file.sync_all()
+        .with_context(|| format!("syncing {}", path.display()))?;
+    // SAFETY: posix_fadvise only reads its integer arguments; the fd is open for the call.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    ensure!(
+        rc == 0,
+        "posix_fadvise({}): {}",
+        path.display(),
+        std::io::Error::from_raw_os_error(rc)
+    );
+    Ok(())
+}
+
+/// An empty qcow2 overlay made by [`create_overlay`].
+#[derive(Clone, Debug)]
+pub struct Overlay {
+    /// The `qemu-img create` command line that made it.
+    pub command: String,
+    pub virtual_size: u64,
+    pub cluster_size: u64,
+    /// Size of the new, empty overlay file.
+    pub file_bytes: u64,
+}
+
+impl Overlay {
+    /// Bytes of L2 tables that map the whole virtual disk once every L2 table exists.
+    pub fn l2_metadata_bytes(&self) -> u64 {
+        (self.virtual_size.div_ceil(self.cluster_size) * L2_ENTRY_BYTES)
+            .next_multiple_of(self.cluster_size)
+    }
+}
+
+/// Creates an empty qcow2 `dst` of `virtual_size` bytes with [`QCOW2_CLUSTER_SIZE`] clusters
+/// whose backing file is the raw image `backing` (recorded in the header; the daemons are
+/// handed it explicitly), replacing any `dst`.
+pub fn create_overlay(backing: &Path, dst: &Path, virtual_size: u64) -> Result<Overlay> {
+    let _ = std::fs::remove_file(dst);
+    let mut cmd = Command::new(QEMU_IMG);
+    cmd.args(["create", "-q", "-f", "qcow2", "-o"])
+        .arg(format!("cluster_size={QCOW2_CLUSTER_SIZE}"))
+        .args(["-F", "raw", "-b"])
+        .arg(backing)
+        .arg(dst)
+        .arg(virtual_size.to_string());
+    let command = format!("{cmd:?}").replace('"', "");
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {QEMU_IMG} (Debian: qemu-utils)"))?;
+    ensure!(
+        out.status.success(),
+        "qemu-img create failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    sync_and_drop_cache(dst)?;
+    let info = qemu_img_json(&["info", "--output=json"], dst)?;
+    let overlay = Overlay {
+        command,
+        virtual_size: json_u64(&info, "virtual-size")?,
+        cluster_size: json_u64(&info, "cluster-size")?,
+        file_bytes: std::fs::metadata(dst)?.len(),
+    };
+    ensure!(
+        overlay.virtual_size == virtual_size && overlay.cluster_size == QCOW2_CLUSTER_SIZE,
+        "{}: virtual size {} and {}-byte clusters, asked for {virtual_size} and \
+         {QCOW2_CLUSTER_SIZE}",
+        dst.display(),
+        overlay.virtual_size,
+        overlay.cluster_size
+    );
+    Ok(overlay)
+}
+
+/// What `qemu-img check` found in an image a daemon wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Check {
+    pub corruptions: u64,
+    pub leaks: u64,
+    /// Clusters the image itself maps (not its backing file).
+    pub allocated_clusters: u64,
+}
+
+/// Runs `qemu-img check` on `image` (without repairing anything). Corruptions and leaks are
+/// returned, not errors; a check that cannot run is one.
+pub fn check(image: &Path) -> Result<Check> {
+    // Exit status 2: corruptions, 3: leaks; both with the JSON report on stdout.
+    let out = qemu_img(&["check", "--output=json"], image)?;
+    let code = out.status.code();
+    ensure!(
+        matches!(code, Some(0 | 2 | 3)),
+        "qemu-img check {} failed ({}): {}",
+        image.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let v: Value =
+        serde_json::from_slice(&out.stdout).context("qemu-img check: output is not JSON")?;
+    // Absent when zero.
+    let opt = |key: &str| v.get(key).and_then(Value::as_u64).unwrap_or(0);
+    Ok(Check {
+        corruptions: opt("corruptions"),
+        leaks: opt("leaks"),
+        allocated_clusters: json_u64(&v, "allocated-clusters")?,
+    })
+}
+
+/// Where an overlay's own clusters are, after a workload.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Allocation {
+    /// Clusters the overlay maps itself (`qemu-img map` extents of depth 0 that are present).
+    pub clusters: u64,
+    /// Of those, clusters below the end of the backing file: the ones whose first write had
+    /// backing data to copy (beyond the backing file's end the backing reads as zeroes).
+    pub clusters_over_backing: u64,
+    /// Size of the overlay file.
+    pub file_bytes: u64,
+    /// Bytes the overlay file occupies on the filesystem.
+    pub disk_bytes: u64,
+}
+
+/// Counts the clusters `overlay` maps itself with `qemu-img map`, and those of them below
+/// `backing_size`.
+pub fn allocation(overlay: &Path, cluster_size: u64, backing_size: u64) -> Result<Allocation> {
+    let map = qemu_img_json(&["map", "--output=json"], overlay)?;
+    let extents = map
+        .as_array()
+        .context("qemu-img map: output is not a JSON array")?;
+    let (mut bytes, mut over_backing) = (0u64, 0u64);
+    for e in extents {
+        let own = e.get("depth").and_then(Value::as_u64) == Some(0)
+            && e.get("present").and_then(Value::as_bool) == Some(true);
+        if !own {
+            continue;
+        }
+        let start = json_u64(e, "start")?;
+        let len = json_u64(e, "length")?;
+        bytes += len;
+        over_backing += (start + len).min(backing_size).saturating_sub(start);
+    }
+    let meta = std::fs::metadata(overlay).with_context(|| format!("stat {}", overlay.display()))?;
+    Ok(Allocation {
+        clusters: bytes.div_ceil(cluster_size),
+        clusters_over_backing: over_backing.div_ceil(cluster_size),
+        file_bytes: meta.len(),
+        disk_bytes: meta.blocks().saturating_mul(STAT_BLOCK),
+    })
+}
+
+fn json_u64(v: &Value, key: &str) -> Result<u64> {
+    v.get(key)
+        .and_then(Value::as_u64)
+        .with_context(|| format!("qemu-img output has no number {key:?}"))
+}
+
+fn qemu_img(args: &[&str], file: &Path) -> Result<Output> {
+    Command::new(QEMU_IMG)
         .args(args)
         .arg(file)
         .output()
-        .with_context(|| format!("running {QEMU_IMG}"))?;
+        .with_context(|| format!("running {QEMU_IMG}"))
+}
+
+/// Runs `qemu-img ARGS FILE` and parses its JSON output.
+fn qemu_img_json(args: &[&str], file: &Path) -> Result<Value> {
+    let out = qemu_img(args, file)?;
     ensure!(
         out.status.success(),
         "qemu-img {} {} failed ({}): {}",

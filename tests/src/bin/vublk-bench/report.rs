@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 use serde_json::{json, Value};
 
 use crate::args::Backend;
+use crate::image::{Allocation, Check};
 use crate::sample::{median, Sample};
 use crate::workload::Workload;
 
@@ -23,12 +24,57 @@ pub struct Record {
     pub sample: Sample,
 }
 
+/// What one workload on a fresh qcow2 overlay allocated.
+#[derive(Clone, Debug)]
+pub struct AllocRecord {
+    pub rep: u32,
+    pub backend: Backend,
+    pub workload: &'static str,
+    /// Requests submitted in all (warm-up, measured interval and drain).
+    pub requests: u64,
+    /// Clusters one request covers (its size over the cluster size, at least 1).
+    pub clusters_per_request: u64,
+    pub allocation: Allocation,
+    /// Whether the allocation budget ended the measured interval early.
+    pub cut_short: bool,
+    pub measured_s: f64,
+}
+
+impl AllocRecord {
+    /// Share of the requests that allocated: each allocating request of a random 4 KiB
+    /// workload allocates one cluster, each of a sequential 128 KiB one two whole clusters.
+    pub fn allocating_fraction(&self) -> Option<f64> {
+        let max = self.requests * self.clusters_per_request;
+        (max > 0).then(|| self.allocation.clusters as f64 / max as f64)
+    }
+
+    /// Share of the allocated clusters that lie over the backing file's data.
+    pub fn over_backing_fraction(&self) -> Option<f64> {
+        let a = &self.allocation;
+        (a.clusters > 0).then(|| a.clusters_over_backing as f64 / a.clusters as f64)
+    }
+}
+
+/// `qemu-img check` of an image after a daemon wrote to it.
+#[derive(Clone, Debug)]
+pub struct CheckRecord {
+    pub rep: u32,
+    pub backend: Backend,
+    /// The workload, when each had its own image (the overlay); otherwise all of them.
+    pub workload: Option<&'static str>,
+    pub check: Check,
+}
+
 /// All samples of a run.
 #[derive(Default)]
 pub struct Results {
     pub records: Vec<Record>,
     /// The command line each daemon was started with (the last one, they differ only in paths).
     pub daemon_commands: BTreeMap<&'static str, String>,
+    /// Per overlay workload run: what it allocated.
+    pub allocations: Vec<AllocRecord>,
+    /// Per writable qcow2 image a daemon served: its check afterwards.
+    pub checks: Vec<CheckRecord>,
 }
 
 impl Results {
@@ -149,6 +195,49 @@ impl Results {
         out
     }
 
+    /// Table of what the overlay workloads allocated, medians across reps per backend.
+    pub fn markdown_alloc(&self, workloads: &[Workload], backends: &[Backend]) -> String {
+        let mut out = String::new();
+        out.push_str(
+            "| workload | backend | requests issued | clusters allocated | allocating requests \
+             | clusters over backing data | overlay file MiB | measured s | cut short by budget |\n",
+        );
+        out.push_str("|---|---|--:|--:|--:|--:|--:|--:|--:|\n");
+        for w in workloads {
+            for &b in backends {
+                let runs: Vec<&AllocRecord> = self
+                    .allocations
+                    .iter()
+                    .filter(|a| a.workload == w.name && a.backend == b)
+                    .collect();
+                if runs.is_empty() {
+                    continue;
+                }
+                let med = |f: &dyn Fn(&AllocRecord) -> Option<f64>| {
+                    median(&runs.iter().filter_map(|a| f(a)).collect::<Vec<_>>())
+                };
+                let cells = [
+                    fmt(med(&|a| Some(a.requests as f64)), 0),
+                    fmt(med(&|a| Some(a.allocation.clusters as f64)), 0),
+                    pct(med(&|a| a.allocating_fraction())),
+                    pct(med(&|a| a.over_backing_fraction())),
+                    fmt(
+                        med(&|a| Some(a.allocation.file_bytes as f64 / f64::from(1 << 20))),
+                        0,
+                    ),
+                    fmt(med(&|a| Some(a.measured_s)), 2),
+                    format!(
+                        "{}/{}",
+                        runs.iter().filter(|a| a.cut_short).count(),
+                        runs.len()
+                    ),
+                ];
+                let _ = writeln!(out, "| {} | {} | {} |", w.name, b.name(), cells.join(" | "));
+            }
+        }
+        out
+    }
+
     /// Every raw sample plus the medians, as JSON.
     pub fn to_json(&self, workloads: &[Workload], backends: &[Backend], meta: Value) -> Value {
         let samples: Vec<Value> = self
@@ -182,12 +271,56 @@ impl Results {
                 }));
             }
         }
+        let allocations: Vec<Value> = self
+            .allocations
+            .iter()
+            .map(|a| {
+                json!({
+                    "rep": a.rep + 1,
+                    "backend": a.backend.name(),
+                    "workload": a.workload,
+                    "requests": a.requests,
+                    "clusters_per_request": a.clusters_per_request,
+                    "clusters_allocated": a.allocation.clusters,
+                    "clusters_over_backing": a.allocation.clusters_over_backing,
+                    "allocating_fraction": a.allocating_fraction(),
+                    "overlay_file_bytes": a.allocation.file_bytes,
+                    "overlay_disk_bytes": a.allocation.disk_bytes,
+                    "measured_s": a.measured_s,
+                    "cut_short_by_budget": a.cut_short,
+                })
+            })
+            .collect();
+        let checks: Vec<Value> = self
+            .checks
+            .iter()
+            .map(|c| {
+                json!({
+                    "rep": c.rep + 1,
+                    "backend": c.backend.name(),
+                    "workload": c.workload,
+                    "corruptions": c.check.corruptions,
+                    "leaks": c.check.leaks,
+                    "allocated_clusters": c.check.allocated_clusters,
+                })
+            })
+            .collect();
         json!({
             "meta": meta,
             "daemon_commands": self.daemon_commands,
             "samples": samples,
             "medians": medians,
+            "allocations": allocations,
+            "qemu_img_checks": checks,
         })
+    }
+}
+
+/// Formats an optional fraction as a percentage with one decimal, "–" when absent.
+fn pct(v: Option<f64>) -> String {
+    match v {
+        Some(f) => format!("{:.1} %", f * 100.0),
+        None => "–".to_string(),
     }
 }
 
@@ -196,5 +329,55 @@ fn fmt(v: Option<f64>, decimals: usize) -> String {
     match v {
         Some(v) => format!("{v:.decimals$}"),
         None => "–".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::Workload;
+
+    fn alloc(rep: u32, requests: u64, clusters: u64, cut_short: bool) -> AllocRecord {
+        AllocRecord {
+            rep,
+            backend: Backend::Vublk,
+            workload: "write-128k-qd8",
+            requests,
+            clusters_per_request: 2,
+            allocation: Allocation {
+                clusters,
+                clusters_over_backing: clusters / 4,
+                file_bytes: clusters << 16,
+                disk_bytes: clusters << 16,
+            },
+            cut_short,
+            measured_s: 4.0,
+        }
+    }
+
+    #[test]
+    fn allocating_fraction_counts_every_cluster_a_request_covers() {
+        let a = alloc(0, 1000, 1500, false);
+
+        assert_eq!(
+            (a.allocating_fraction(), a.over_backing_fraction()),
+            (Some(0.75), Some(375.0 / 1500.0))
+        );
+    }
+
+    #[test]
+    fn allocation_table_shows_medians_and_how_many_runs_the_budget_cut() {
+        let results = Results {
+            allocations: vec![alloc(0, 1000, 2000, true), alloc(1, 3000, 6000, false)],
+            ..Results::default()
+        };
+        let [.., w128k] = Workload::ALL;
+
+        let table = results.markdown_alloc(&[w128k], &[Backend::Vublk, Backend::Qsd]);
+
+        assert_eq!(
+            table.lines().nth(2),
+            Some("| write-128k-qd8 | vublk | 2000 | 4000 | 100.0 % | 25.0 % | 250 | 4.00 | 1/2 |")
+        );
     }
 }
