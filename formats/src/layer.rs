@@ -233,6 +233,16 @@ pub trait Layer: Send + Sync + Debug {
         Err(UpdateError::ReadOnly)
     }
 
+    /// Runs several updates (from any queues; independent of each other), in parallel where
+    /// the layer can; one result per update, in order.
+    fn update_batch(
+        &self,
+        io: &dyn Storage,
+        updates: &[Update<'_>],
+    ) -> Vec<Result<(), UpdateError>> {
+        updates.iter().map(|u| self.update(io, *u)).collect()
+    }
+
     /// Makes everything the layer wrote durable and returns what it reserved but did not use
     /// (at a clean shutdown, from the same thread as `update`).
     fn close(&self, io: &dyn Storage) -> Result<(), UpdateError> {

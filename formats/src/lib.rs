@@ -20,4 +20,4 @@ pub use error::OpenError;
 pub use file::{ImageFile, ImageFileOptions};
 pub use layer::{FileId, Format, Layer, MapError, MapKind, Piece, TableLoad, Update, UpdateError};
 pub use raw::RawLayer;
-pub use storage::{FileStorage, Storage};
+pub use storage::{BatchOp, FileStorage, Storage};

@@ -6,10 +6,29 @@
 //! requests a layer cannot map in place to one metadata thread per disk, which calls
 //! [`crate::Layer::update`] with a `Storage`. Tests put a fault-injecting `Storage` in its place.
 
+use std::cell::RefCell;
 use std::io;
 use std::os::fd::RawFd;
 
+use io_uring::{opcode, types, IoUring};
+
 use crate::{AlignedBuf, FileId, ImageFile, BUFFER_ALIGN};
+
+/// One operation of a batch ([`Storage::run_batch`]): the operations of a batch are
+/// independent and may complete in any order.
+#[derive(Clone, Copy, Debug)]
+pub enum BatchOp<'a> {
+    Write {
+        file: FileId,
+        offset: u64,
+        data: &'a [u8],
+    },
+    /// Make `len` bytes at `offset` read as zeroes, growing the file if needed.
+    ZeroRange { file: FileId, offset: u64, len: u64 },
+}
+
+/// Most operations a batch has in flight at once.
+const BATCH_DEPTH: u32 = 64;
 
 /// Positioned, blocking reads and writes on the files of a disk (indexed by [`FileId`]).
 ///
@@ -26,6 +45,28 @@ pub trait Storage {
     /// Deallocates `len` bytes at `offset` (they read as zeroes afterwards); advisory: a file
     /// that cannot punch holes keeps the bytes.
     fn punch_hole(&self, file: FileId, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Makes `len` bytes at `offset` read as zeroes (growing the file), cheaply where the file
+    /// system can, else by writing zeroes.
+    fn zero_range(&self, file: FileId, offset: u64, len: u64) -> io::Result<()> {
+        let zeroes = vec![
+            0u8;
+            usize::try_from(len)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?
+        ];
+        self.write_at(file, offset, &zeroes)
+    }
+
+    /// Runs independent operations, in parallel where the implementation can; one result per
+    /// operation, in order. Every operation has completed (or failed) when this returns.
+    fn run_batch(&self, ops: &[BatchOp<'_>]) -> Vec<io::Result<()>> {
+        ops.iter()
+            .map(|op| match *op {
+                BatchOp::Write { file, offset, data } => self.write_at(file, offset, data),
+                BatchOp::ZeroRange { file, offset, len } => self.zero_range(file, offset, len),
+            })
+            .collect()
+    }
 }
 
 /// [`Storage`] over image fds with pread/pwrite/fdatasync/fallocate.
@@ -35,11 +76,17 @@ pub trait Storage {
 /// in units of 512 bytes or more, aligned).
 pub struct FileStorage<'a> {
     files: Vec<&'a ImageFile>,
+    /// The ring batches run on, created on first use (`None` inside: io_uring unavailable,
+    /// batches run one operation at a time).
+    ring: RefCell<Option<Option<IoUring>>>,
 }
 
 impl<'a> FileStorage<'a> {
     pub fn new(files: Vec<&'a ImageFile>) -> FileStorage<'a> {
-        FileStorage { files }
+        FileStorage {
+            files,
+            ring: RefCell::new(None),
+        }
     }
 
     fn fd(&self, file: FileId) -> io::Result<(RawFd, bool)> {
@@ -104,6 +151,45 @@ impl Storage for FileStorage<'_> {
         }
     }
 
+    fn zero_range(&self, file: FileId, offset: u64, len: u64) -> io::Result<()> {
+        let (fd, _) = self.fd(file)?;
+        // SAFETY: fallocate takes no pointers; the fd is borrowed for the lifetime of `self`.
+        let ret =
+            unsafe { libc::fallocate(fd, libc::FALLOC_FL_ZERO_RANGE, off(offset)?, off(len)?) };
+        if ret == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP)
+            | Some(libc::ENOSYS)
+            | Some(libc::EINVAL)
+            | Some(libc::ENODEV) => self.write_zeroes(file, offset, len),
+            _ => Err(e),
+        }
+    }
+
+    fn run_batch(&self, ops: &[BatchOp<'_>]) -> Vec<io::Result<()>> {
+        let mut slot = self.ring.borrow_mut();
+        let ring = slot.get_or_insert_with(|| match IoUring::new(BATCH_DEPTH) {
+            Ok(ring) => Some(ring),
+            Err(e) => {
+                log::warn!("metadata batches run one by one: no io_uring ({e})");
+                None
+            }
+        });
+        match ring {
+            Some(ring) => self.run_on_ring(ring, ops),
+            None => ops
+                .iter()
+                .map(|op| match *op {
+                    BatchOp::Write { file, offset, data } => self.write_at(file, offset, data),
+                    BatchOp::ZeroRange { file, offset, len } => self.zero_range(file, offset, len),
+                })
+                .collect(),
+        }
+    }
+
     fn punch_hole(&self, file: FileId, offset: u64, len: u64) -> io::Result<()> {
         let (fd, _) = self.fd(file)?;
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
@@ -117,6 +203,151 @@ impl Storage for FileStorage<'_> {
             // Advisory: a file system or device without hole punching keeps the bytes.
             Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::ENODEV) => Ok(()),
             _ => Err(e),
+        }
+    }
+}
+
+impl FileStorage<'_> {
+    /// Writes zeroes, in chunks of at most 1 MiB (aligned, so O_DIRECT fds work).
+    fn write_zeroes(&self, file: FileId, offset: u64, len: u64) -> io::Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeroes = AlignedBuf::new(usize::try_from(len.min(CHUNK)).unwrap_or(1))
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        let mut done = 0;
+        while done < len {
+            let n = usize::try_from((len - done).min(CHUNK)).unwrap_or(0);
+            self.write_at(file, offset + done, &zeroes.as_slice()[..n])?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Runs `ops` on `ring`, at most [`BATCH_DEPTH`] at a time. A short write, or a zero range
+    /// the file system refuses, is finished with a blocking call.
+    fn run_on_ring(&self, ring: &mut IoUring, ops: &[BatchOp<'_>]) -> Vec<io::Result<()>> {
+        let mut results: Vec<Option<io::Result<()>>> = (0..ops.len()).map(|_| None).collect();
+        // O_DIRECT needs aligned memory: such writes go through a copy.
+        let mut bounces: Vec<Option<AlignedBuf>> = (0..ops.len()).map(|_| None).collect();
+        let mut next = 0usize;
+        let mut in_flight = 0usize;
+        while next < ops.len() || in_flight > 0 {
+            while next < ops.len() && in_flight < BATCH_DEPTH as usize {
+                let i = next;
+                next += 1;
+                let entry = match self.entry_for(&ops[i], &mut bounces[i]) {
+                    Ok(entry) => entry.user_data(i as u64),
+                    Err(e) => {
+                        results[i] = Some(Err(e));
+                        continue;
+                    }
+                };
+                // SAFETY: the entry points into `ops[i]`'s data (borrowed for this call) or
+                // `bounces[i]`, both alive until every completion is reaped below.
+                if unsafe { ring.submission().push(&entry) }.is_err() {
+                    next -= 1;
+                    break;
+                }
+                in_flight += 1;
+            }
+            if in_flight == 0 {
+                continue;
+            }
+            if let Err(e) = ring.submit_and_wait(1) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                // Not expected; wait for what is in flight one by one, then fail the rest.
+                log::error!("metadata batch: io_uring_enter failed: {e}");
+                while in_flight > 0 {
+                    if ring.submit_and_wait(1).is_err() {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    for cqe in ring.completion() {
+                        in_flight -= 1;
+                        let i = usize::try_from(cqe.user_data()).unwrap_or(usize::MAX);
+                        if let Some(r) = results.get_mut(i) {
+                            *r = Some(Err(io::Error::from_raw_os_error(libc::EIO)));
+                        }
+                    }
+                }
+                break;
+            }
+            let done: Vec<(usize, i32)> = ring
+                .completion()
+                .map(|cqe| {
+                    (
+                        usize::try_from(cqe.user_data()).unwrap_or(usize::MAX),
+                        cqe.result(),
+                    )
+                })
+                .collect();
+            for (i, res) in done {
+                in_flight -= 1;
+                let Some(op) = ops.get(i) else { continue };
+                results[i] = Some(self.finish(op, res));
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(io::Error::from_raw_os_error(libc::EIO))))
+            .collect()
+    }
+
+    fn entry_for(
+        &self,
+        op: &BatchOp<'_>,
+        bounce: &mut Option<AlignedBuf>,
+    ) -> io::Result<io_uring::squeue::Entry> {
+        match *op {
+            BatchOp::Write { file, offset, data } => {
+                let (fd, direct) = self.fd(file)?;
+                let len = u32::try_from(data.len())
+                    .map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+                let ptr = if direct && !is_aligned(data.as_ptr(), data.len()) {
+                    let mut b = AlignedBuf::new(data.len())
+                        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+                    b.as_mut_slice()[..data.len()].copy_from_slice(data);
+                    let ptr = b.as_mut_ptr().cast_const();
+                    *bounce = Some(b);
+                    ptr
+                } else {
+                    data.as_ptr()
+                };
+                Ok(opcode::Write::new(types::Fd(fd), ptr, len)
+                    .offset(offset)
+                    .build())
+            }
+            BatchOp::ZeroRange { file, offset, len } => {
+                let (fd, _) = self.fd(file)?;
+                Ok(opcode::Fallocate::new(types::Fd(fd), len)
+                    .offset(offset)
+                    .mode(libc::FALLOC_FL_ZERO_RANGE)
+                    .build())
+            }
+        }
+    }
+
+    /// The result of one batch operation from its completion.
+    fn finish(&self, op: &BatchOp<'_>, res: i32) -> io::Result<()> {
+        match *op {
+            BatchOp::Write { file, offset, data } => {
+                if res < 0 {
+                    return Err(io::Error::from_raw_os_error(-res));
+                }
+                let n = usize::try_from(res).unwrap_or(0).min(data.len());
+                if n < data.len() {
+                    self.write_at(file, offset + n as u64, &data[n..])
+                } else {
+                    Ok(())
+                }
+            }
+            BatchOp::ZeroRange { file, offset, len } => match -res {
+                0 => Ok(()),
+                libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL | libc::ENODEV => {
+                    self.write_zeroes(file, offset, len)
+                }
+                errno => Err(io::Error::from_raw_os_error(errno)),
+            },
         }
     }
 }

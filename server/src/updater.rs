@@ -47,12 +47,17 @@ impl Updater {
             .name("vublk-meta".into())
             .spawn(move || {
                 let storage = FileStorage::new(layer.files());
-                for (job, reply) in rx {
-                    let result = run(layer.as_ref(), &storage, &job);
-                    if let Err(e) = &result {
-                        log::warn!("{}", error_chain(e));
+                // Everything queued runs as one batch: allocations of different requests
+                // write their data and metadata in parallel.
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH_JOBS {
+                        match rx.try_recv() {
+                            Ok(job) => batch.push(job),
+                            Err(_) => break,
+                        }
                     }
-                    reply(result.is_ok());
+                    run_batch(layer.as_ref(), &storage, batch);
                 }
                 if let Err(e) = layer.close(&storage) {
                     log::error!("closing the image: {}", error_chain(&e));
@@ -89,32 +94,51 @@ impl Drop for Updater {
     }
 }
 
-fn run(
-    layer: &dyn Layer,
-    storage: &FileStorage<'_>,
-    job: &UpdateJob,
-) -> Result<(), vublk_formats::UpdateError> {
-    match job {
-        UpdateJob::Write { offset, data } => layer.update(
-            storage,
-            Update::Write {
+/// Most jobs one batch takes from the queue (64 queue-depth's worth of 4 KiB writes).
+const MAX_BATCH_JOBS: usize = 64;
+
+/// Runs `batch` through the layer and replies to each job.
+fn run_batch(layer: &dyn Layer, storage: &FileStorage<'_>, batch: Vec<(UpdateJob, UpdateReply)>) {
+    let mut updates = Vec::new();
+    // Which updates belong to which job.
+    let mut spans = Vec::with_capacity(batch.len());
+    for (job, _) in &batch {
+        let start = updates.len();
+        match job {
+            UpdateJob::Write { offset, data } => updates.push(Update::Write {
                 offset: *offset,
                 data,
-            },
-        ),
-        UpdateJob::WriteZeroes { ranges, unmap } => ranges.iter().try_for_each(|&(offset, len)| {
-            layer.update(
-                storage,
-                Update::WriteZeroes {
+            }),
+            UpdateJob::WriteZeroes { ranges, unmap } => {
+                updates.extend(ranges.iter().map(|&(offset, len)| Update::WriteZeroes {
                     offset,
                     len,
                     unmap: *unmap,
-                },
-            )
-        }),
-        UpdateJob::Discard { ranges } => ranges
-            .iter()
-            .try_for_each(|&(offset, len)| layer.update(storage, Update::Discard { offset, len })),
+                }))
+            }
+            UpdateJob::Discard { ranges } => updates.extend(
+                ranges
+                    .iter()
+                    .map(|&(offset, len)| Update::Discard { offset, len }),
+            ),
+        }
+        spans.push(start..updates.len());
+    }
+    let results = layer.update_batch(storage, &updates);
+    let mut ok: Vec<bool> = Vec::with_capacity(batch.len());
+    for span in &spans {
+        let mut all = true;
+        for result in results.get(span.clone()).unwrap_or_default() {
+            if let Err(e) = result {
+                log::warn!("{}", error_chain(e));
+                all = false;
+            }
+        }
+        ok.push(all && results.len() >= span.end);
+    }
+    drop(updates);
+    for ((_, reply), ok) in batch.into_iter().zip(ok) {
+        reply(ok);
     }
 }
 

@@ -512,7 +512,17 @@ impl Layer for Qcow2Layer {
     }
 
     fn update(&self, io: &dyn Storage, update: Update<'_>) -> Result<(), UpdateError> {
-        self.run_update(io, update)
+        self.run_updates(io, &[update])
+            .pop()
+            .unwrap_or(Err(UpdateError::ReadOnly))
+    }
+
+    fn update_batch(
+        &self,
+        io: &dyn Storage,
+        updates: &[Update<'_>],
+    ) -> Vec<Result<(), UpdateError>> {
+        self.run_updates(io, updates)
     }
 
     fn close(&self, io: &dyn Storage) -> Result<(), UpdateError> {

@@ -8,8 +8,9 @@
 //! release of what is no longer referenced. An in-memory entry changes only after its write
 //! completed, so a request that maps through it can rely on what it sees being on the file.
 
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::MutexGuard;
+use std::sync::{Arc, MutexGuard};
 
 use crate::qcow2::cache::L2Table;
 use crate::qcow2::layer::WriterState;
@@ -18,13 +19,70 @@ use crate::qcow2::{
     decode_l1_entry, decode_l2_entry, encode_l1_entry, encode_l2_entry, GuestOffset, HostOffset,
     L1Entry, L2Entry, Qcow2Layer, Version,
 };
-use crate::{decompress_cluster, AlignedBuf, FileId, Layer, MapError, MapKind, Piece, Storage};
+use crate::{
+    decompress_cluster, AlignedBuf, BatchOp, FileId, Layer, MapError, MapKind, Piece, Storage,
+};
 use crate::{Update, UpdateError};
 
 /// Bit 1 of incompatible_features: "Corrupt bit".
 const CORRUPT_BIT: u64 = 1 << 1;
 /// Byte offset of incompatible_features in a version 3 header.
 const INCOMPATIBLE_FEATURES_OFFSET: usize = 72;
+
+/// How one guest cluster's part of a write is done.
+enum ClusterPlan<'d> {
+    /// Allocated and ours alone: write at this host offset (of the cluster).
+    InPlace {
+        host: u64,
+    },
+    Alloc(Alloc<'d>),
+}
+
+/// A guest cluster getting a new host cluster (or filling its preallocated one).
+struct Alloc<'d> {
+    job: usize,
+    l1_index: u64,
+    l2_index: u64,
+    table: Option<(HostOffset, bool, L2Table)>,
+    old: L2Entry,
+    /// The host cluster the data goes to.
+    target: u64,
+    /// Zero the whole cluster before the data write (the rest of it reads as zero).
+    zero_first: bool,
+    data: AllocData<'d>,
+    /// The L2 entry that points at `target`.
+    new_raw: u64,
+}
+
+/// What an allocation writes into its host cluster.
+enum AllocData<'d> {
+    /// The whole cluster, composed with copy-on-write data.
+    Whole(AlignedBuf),
+    /// Only the guest's bytes, `at` bytes into the cluster.
+    Chunk { at: u64, bytes: &'d [u8] },
+}
+
+/// A write of one aligned unit of an L2 table that is ours.
+struct UnitWrite {
+    offset: u64,
+    bytes: Vec<u8>,
+    table: HostOffset,
+    held: L2Table,
+    entries: Vec<(usize, u64)>,
+    /// Indexes into the round's allocations.
+    allocs: Vec<usize>,
+}
+
+/// A new L2 table (empty, or a copy of one shared with a snapshot) for one L1 entry.
+struct NewTable {
+    l1_index: u64,
+    cluster: u64,
+    bytes: Vec<u8>,
+    /// The shared table it replaces.
+    old: Option<HostOffset>,
+    allocs: Vec<usize>,
+    written: bool,
+}
 
 /// Where a guest cluster's L2 entry lives, as found.
 struct Slot {
@@ -56,23 +114,54 @@ impl Qcow2Layer {
         }
     }
 
-    /// Entry point from [`Layer::update`].
-    pub(super) fn run_update(
+    /// Entry point from [`Layer::update_batch`]: consecutive writes run as one batch (see
+    /// [`Qcow2Layer::write_batch`]), anything else one by one, in order.
+    pub(super) fn run_updates(
         &self,
         io: &dyn Storage,
-        update: Update<'_>,
-    ) -> Result<(), UpdateError> {
+        updates: &[Update<'_>],
+    ) -> Vec<Result<(), UpdateError>> {
         if self.read_only() {
-            return Err(UpdateError::ReadOnly);
+            return updates.iter().map(|_| Err(UpdateError::ReadOnly)).collect();
         }
-        let mut w = self.lock_writer()?;
-        let result = match update {
-            Update::Write { offset, data } => self.write(io, &mut w, offset, data),
-            Update::WriteZeroes { offset, len, unmap } => {
-                self.write_zeroes(io, &mut w, offset, len, unmap)
-            }
-            Update::Discard { offset, len } => self.discard(io, &mut w, offset, len),
+        let mut w = match self.lock_writer() {
+            Ok(w) => w,
+            Err(_) => return updates.iter().map(|_| Err(UpdateError::ReadOnly)).collect(),
         };
+        let mut results = Vec::with_capacity(updates.len());
+        let mut i = 0;
+        while i < updates.len() {
+            if self.corrupt.load(Ordering::Relaxed) {
+                results.push(Err(UpdateError::ReadOnly));
+                i += 1;
+                continue;
+            }
+            let writes: Vec<(u64, &[u8])> = updates[i..]
+                .iter()
+                .map_while(|u| match *u {
+                    Update::Write { offset, data } => Some((offset, data)),
+                    _ => None,
+                })
+                .collect();
+            let done = if writes.is_empty() {
+                vec![match updates[i] {
+                    Update::Write { offset, data } => self.write(io, &mut w, offset, data),
+                    Update::WriteZeroes { offset, len, unmap } => {
+                        self.write_zeroes(io, &mut w, offset, len, unmap)
+                    }
+                    Update::Discard { offset, len } => self.discard(io, &mut w, offset, len),
+                }]
+            } else {
+                self.write_batch(io, &mut w, &writes)
+            };
+            i += done.len();
+            for result in &done {
+                if let Err(UpdateError::Corrupt { detail, .. }) = result {
+                    self.mark_corrupt(io, detail);
+                }
+            }
+            results.extend(done);
+        }
         let new_metadata = std::mem::take(&mut w.refcounts.new_metadata);
         if !new_metadata.is_empty() {
             self.metadata
@@ -80,10 +169,7 @@ impl Qcow2Layer {
                 .unwrap_or_else(|e| e.into_inner())
                 .extend(new_metadata);
         }
-        if let Err(UpdateError::Corrupt { detail, .. }) = &result {
-            self.mark_corrupt(io, detail);
-        }
-        result
+        results
     }
 
     pub(super) fn close_writer(&self, io: &dyn Storage) -> Result<(), UpdateError> {
@@ -184,29 +270,399 @@ impl Qcow2Layer {
         offset: u64,
         data: &[u8],
     ) -> Result<(), UpdateError> {
-        let cs = self.geometry().cluster_size();
-        crate::layer::check_range(offset, data.len() as u64, self.virtual_size())?;
-        let mut done = 0usize;
-        while done < data.len() {
-            let pos = offset + done as u64;
-            let in_cluster = pos % cs;
-            let n = usize::try_from((cs - in_cluster).min((data.len() - done) as u64))
-                .unwrap_or(usize::MAX);
-            self.write_cluster(io, w, pos, &data[done..done + n])?;
-            done += n;
-        }
-        Ok(())
+        self.write_batch(io, w, &[(offset, data)])
+            .pop()
+            .unwrap_or(Ok(()))
     }
 
-    /// Writes `chunk` (inside one guest cluster) at guest offset `pos`.
-    fn write_cluster(
+    /// Writes every `(offset, data)`: in rounds whose writes touch distinct guest clusters
+    /// (a write that shares a cluster with an earlier one waits for the next round, and then
+    /// finds that cluster allocated). One result per write, in order.
+    fn write_batch(
         &self,
         io: &dyn Storage,
         w: &mut WriterState,
-        pos: u64,
-        chunk: &[u8],
-    ) -> Result<(), UpdateError> {
+        writes: &[(u64, &[u8])],
+    ) -> Vec<Result<(), UpdateError>> {
         let cs = self.geometry().cluster_size();
+        let size = self.virtual_size();
+        let mut results: Vec<Result<(), UpdateError>> = writes
+            .iter()
+            .map(|&(offset, data)| {
+                crate::layer::check_range(offset, data.len() as u64, size).map_err(Into::into)
+            })
+            .collect();
+        let mut remaining: Vec<usize> = (0..writes.len())
+            .filter(|&i| results[i].is_ok() && !writes[i].1.is_empty())
+            .collect();
+        while !remaining.is_empty() {
+            let mut claimed = HashSet::new();
+            let mut round = Vec::new();
+            let mut later = Vec::new();
+            for i in remaining {
+                let (offset, data) = writes[i];
+                let clusters = offset / cs..=(offset + data.len() as u64 - 1) / cs;
+                // A write that waits also holds its clusters: a later write over them must not
+                // overtake it.
+                if clusters.clone().any(|c| claimed.contains(&c)) {
+                    later.push(i);
+                } else {
+                    round.push(i);
+                }
+                claimed.extend(clusters);
+            }
+            self.write_round(io, w, writes, &round, &mut results);
+            remaining = later;
+        }
+        results
+    }
+
+    /// Runs one round: plans every cluster (allocating, composing copy-on-write data), then
+    /// in parallel batches: zero ranges, data, L2 entries and new L2 tables, L1 entries; the
+    /// in-memory tables change last, for what was written.
+    fn write_round(
+        &self,
+        io: &dyn Storage,
+        w: &mut WriterState,
+        writes: &[(u64, &[u8])],
+        round: &[usize],
+        results: &mut [Result<(), UpdateError>],
+    ) {
+        let g = *self.geometry();
+        let cs = g.cluster_size();
+        let mut in_place: Vec<(usize, u64, &[u8])> = Vec::new();
+        let mut allocs: Vec<Alloc<'_>> = Vec::new();
+        for &job in round {
+            let (offset, data) = writes[job];
+            let mut done = 0usize;
+            while done < data.len() {
+                let pos = offset + done as u64;
+                let in_cluster = pos % cs;
+                let n = usize::try_from((cs - in_cluster).min((data.len() - done) as u64))
+                    .unwrap_or(usize::MAX);
+                match self.plan_cluster(io, w, job, pos, &data[done..done + n]) {
+                    Ok(ClusterPlan::InPlace { host }) => {
+                        in_place.push((job, host + in_cluster, &data[done..done + n]))
+                    }
+                    Ok(ClusterPlan::Alloc(a)) => allocs.push(a),
+                    Err(e) => {
+                        results[job] = Err(e);
+                        break;
+                    }
+                }
+                done += n;
+            }
+        }
+        let ok = |results: &[Result<(), UpdateError>], job: usize| results[job].is_ok();
+
+        // Zero ranges: clusters written in part whose old contents read as zero.
+        let mut ops = Vec::new();
+        let mut owners = Vec::new();
+        for a in allocs.iter().filter(|a| a.zero_first && ok(results, a.job)) {
+            ops.push(BatchOp::ZeroRange {
+                file: FileId(0),
+                offset: a.target * cs,
+                len: cs,
+            });
+            owners.push(vec![a.job]);
+        }
+        self.run_and_fail(io, &ops, &owners, results, "zeroing a new cluster");
+
+        // Data, in place and into the new clusters.
+        let mut ops = Vec::new();
+        let mut owners = Vec::new();
+        for &(job, host, bytes) in in_place.iter().filter(|(job, ..)| ok(results, *job)) {
+            ops.push(BatchOp::Write {
+                file: FileId(0),
+                offset: host,
+                data: bytes,
+            });
+            owners.push(vec![job]);
+        }
+        for a in allocs.iter().filter(|a| ok(results, a.job)) {
+            let (at, bytes) = match &a.data {
+                AllocData::Whole(buf) => (0, buf.as_slice()),
+                AllocData::Chunk { at, bytes } => (*at, *bytes),
+            };
+            ops.push(BatchOp::Write {
+                file: FileId(0),
+                offset: a.target * cs + at,
+                data: bytes,
+            });
+            owners.push(vec![a.job]);
+        }
+        self.run_and_fail(io, &ops, &owners, results, "writing guest data");
+
+        // L2: entries in tables that are ours, grouped by unit; new or copied tables whole.
+        let linked: Vec<usize> = (0..allocs.len())
+            .filter(|&i| ok(results, allocs[i].job))
+            .collect();
+        let mut by_l1: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+        for &i in &linked {
+            by_l1.entry(allocs[i].l1_index).or_default().push(i);
+        }
+        let unit = meta_unit(cs);
+        let per_unit = usize::try_from(unit / 8).unwrap_or(1);
+        let mut unit_writes: Vec<UnitWrite> = Vec::new();
+        let mut new_tables: Vec<NewTable> = Vec::new();
+        for (l1_index, members) in &by_l1 {
+            let table = allocs[members[0]].table.clone();
+            let entries: Vec<(usize, u64)> = members
+                .iter()
+                .map(|&i| {
+                    (
+                        usize::try_from(allocs[i].l2_index).unwrap_or(usize::MAX),
+                        allocs[i].new_raw,
+                    )
+                })
+                .collect();
+            match table {
+                Some((offset, true, t)) => {
+                    let mut by_unit: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+                    for (k, &(l2, _)) in entries.iter().enumerate() {
+                        by_unit.entry(l2 / per_unit).or_default().push(k);
+                    }
+                    for (unit_no, ks) in by_unit {
+                        let first = unit_no * per_unit;
+                        let overrides: Vec<(usize, u64)> = ks.iter().map(|&k| entries[k]).collect();
+                        unit_writes.push(UnitWrite {
+                            offset: offset.0 + first as u64 * 8,
+                            bytes: table_bytes_with(&t, first..first + per_unit, &overrides),
+                            table: offset,
+                            held: Arc::clone(&t),
+                            entries: overrides,
+                            allocs: ks.iter().map(|&k| members[k]).collect(),
+                        });
+                    }
+                }
+                shared_or_none => {
+                    let n = usize::try_from(g.l2_entries()).unwrap_or(0);
+                    let bytes = match &shared_or_none {
+                        Some((_, _, t)) => table_bytes_with(t, 0..n, &entries),
+                        None => {
+                            let mut b = vec![0u8; n * 8];
+                            for &(l2, raw) in &entries {
+                                if let Some(e) = b.get_mut(l2 * 8..l2 * 8 + 8) {
+                                    e.copy_from_slice(&raw.to_be_bytes());
+                                }
+                            }
+                            b
+                        }
+                    };
+                    let placed = w
+                        .refcounts
+                        .allocate(io)
+                        .and_then(|c| self.check_overlap(c).map(|()| c));
+                    match placed {
+                        Ok(cluster) => new_tables.push(NewTable {
+                            l1_index: *l1_index,
+                            cluster,
+                            bytes,
+                            old: shared_or_none.map(|(o, _, _)| o),
+                            allocs: members.clone(),
+                            written: false,
+                        }),
+                        Err(e) => {
+                            let detail = e.to_string();
+                            for &i in members {
+                                self.fail(results, allocs[i].job, &detail);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let mut ops = Vec::new();
+        let mut owners: Vec<Vec<usize>> = Vec::new();
+        for u in &unit_writes {
+            ops.push(BatchOp::Write {
+                file: FileId(0),
+                offset: u.offset,
+                data: &u.bytes,
+            });
+            owners.push(u.allocs.iter().map(|&i| allocs[i].job).collect());
+        }
+        for t in &new_tables {
+            ops.push(BatchOp::Write {
+                file: FileId(0),
+                offset: t.cluster * cs,
+                data: &t.bytes,
+            });
+            owners.push(t.allocs.iter().map(|&i| allocs[i].job).collect());
+        }
+        let l2_results = io.run_batch(&ops);
+        let (unit_results, table_results) = l2_results.split_at(unit_writes.len());
+        for (u, r) in unit_writes.iter().zip(unit_results) {
+            match r {
+                Ok(()) => {
+                    for &(l2, raw) in &u.entries {
+                        self.l2.update_entry(u.table.0, l2, raw, &u.held);
+                    }
+                    for &i in &u.allocs {
+                        self.release_entry(w, allocs[i].old, Some(allocs[i].target));
+                    }
+                }
+                Err(e) => {
+                    let detail = format!("writing the L2 table at {}: {e}", u.table.0);
+                    for &i in &u.allocs {
+                        self.fail(results, allocs[i].job, &detail);
+                    }
+                }
+            }
+        }
+        for (t, r) in new_tables.iter_mut().zip(table_results) {
+            match r {
+                Ok(()) => t.written = true,
+                Err(e) => {
+                    let detail = format!("writing a new L2 table at {}: {e}", t.cluster * cs);
+                    for &i in &t.allocs {
+                        self.fail(results, allocs[i].job, &detail);
+                    }
+                }
+            }
+        }
+        if new_tables
+            .iter()
+            .any(|t| t.written && t.cluster < w.fresh_from)
+        {
+            // A reused cluster holds old bytes: the table must be durable before L1 points
+            // at it, or a host crash could expose them as entries.
+            if let Err(e) = io.sync(FileId(0)) {
+                let detail = format!("fdatasync: {e}");
+                for t in new_tables.iter_mut().filter(|t| t.written) {
+                    t.written = false;
+                    for &i in &t.allocs {
+                        self.fail(results, allocs[i].job, &detail);
+                    }
+                }
+            }
+        }
+
+        // L1 entries for the new tables, grouped by unit.
+        let mut l1_units: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (k, t) in new_tables.iter().enumerate().filter(|(_, t)| t.written) {
+            let i = usize::try_from(t.l1_index).unwrap_or(usize::MAX);
+            l1_units.entry(i / per_unit).or_default().push(k);
+        }
+        let mut ops_bytes = Vec::new();
+        let mut groups = Vec::new();
+        for (unit_no, ks) in &l1_units {
+            let first = unit_no * per_unit;
+            let mut bytes = Vec::with_capacity(per_unit * 8);
+            for j in first..first + per_unit {
+                let v = ks
+                    .iter()
+                    .find(|&&k| usize::try_from(new_tables[k].l1_index).ok() == Some(j))
+                    .and_then(|&k| self.l1_entry_for(new_tables[k].cluster * cs))
+                    .unwrap_or_else(|| self.l1.get(j).map_or(0, |a| a.load(Ordering::Acquire)));
+                bytes.extend_from_slice(&v.to_be_bytes());
+            }
+            ops_bytes.push((self.header.l1_table_offset().0 + first as u64 * 8, bytes));
+            groups.push(ks.clone());
+        }
+        let ops: Vec<BatchOp<'_>> = ops_bytes
+            .iter()
+            .map(|(offset, bytes)| BatchOp::Write {
+                file: FileId(0),
+                offset: *offset,
+                data: bytes,
+            })
+            .collect();
+        let l1_results = io.run_batch(&ops);
+        for (ks, r) in groups.iter().zip(l1_results) {
+            for &k in ks {
+                let t = &new_tables[k];
+                match &r {
+                    Ok(()) => {
+                        self.metadata
+                            .write()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(t.cluster);
+                        self.l2.insert(t.cluster * cs, &t.bytes);
+                        if let (Some(a), Some(raw)) = (
+                            usize::try_from(t.l1_index)
+                                .ok()
+                                .and_then(|i| self.l1.get(i)),
+                            self.l1_entry_for(t.cluster * cs),
+                        ) {
+                            a.store(raw, Ordering::Release);
+                        }
+                        if let Some(old) = t.old {
+                            // The snapshot keeps the old table; this L1 no longer counts it.
+                            w.refcounts.release_later(old.0 / cs);
+                        }
+                        for &i in &t.allocs {
+                            self.release_entry(w, allocs[i].old, Some(allocs[i].target));
+                        }
+                    }
+                    Err(e) => {
+                        let detail = format!("writing the L1 table: {e}");
+                        for &i in &t.allocs {
+                            self.fail(results, allocs[i].job, &detail);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The raw L1 entry pointing at an L2 table at `offset` (ours alone).
+    fn l1_entry_for(&self, offset: u64) -> Option<u64> {
+        encode_l1_entry(
+            L1Entry::L2Table {
+                offset: HostOffset(offset),
+                copied: true,
+            },
+            self.geometry(),
+        )
+        .ok()
+    }
+
+    /// Fails `job` with an I/O error (keeping the first error).
+    fn fail(&self, results: &mut [Result<(), UpdateError>], job: usize, detail: &str) {
+        if let Some(r @ Ok(())) = results.get_mut(job) {
+            *r = Err(UpdateError::Io {
+                fd: self.fd(),
+                what: detail.to_string(),
+                source: std::io::Error::from_raw_os_error(libc::EIO),
+            });
+        }
+    }
+
+    /// Runs a batch and fails the owners of every operation that failed.
+    fn run_and_fail(
+        &self,
+        io: &dyn Storage,
+        ops: &[BatchOp<'_>],
+        owners: &[Vec<usize>],
+        results: &mut [Result<(), UpdateError>],
+        what: &str,
+    ) {
+        if ops.is_empty() {
+            return;
+        }
+        for (r, jobs) in io.run_batch(ops).into_iter().zip(owners) {
+            if let Err(e) = r {
+                let detail = format!("{what}: {e}");
+                for &job in jobs {
+                    self.fail(results, job, &detail);
+                }
+            }
+        }
+    }
+
+    /// Decides how one guest cluster's part of a write is done; allocates and composes the
+    /// copy-on-write data when the cluster cannot be written in place.
+    fn plan_cluster<'d>(
+        &self,
+        io: &dyn Storage,
+        w: &mut WriterState,
+        job: usize,
+        pos: u64,
+        chunk: &'d [u8],
+    ) -> Result<ClusterPlan<'d>, UpdateError> {
+        let g = *self.geometry();
+        let cs = g.cluster_size();
         let in_cluster = pos % cs;
         let slot = self.slot(io, pos)?;
         let table_copied = slot.table.as_ref().is_some_and(|t| t.1);
@@ -218,12 +674,12 @@ impl Qcow2Layer {
         {
             if table_copied {
                 self.check_overlap(host_offset.0 / cs)?;
-                return io
-                    .write_at(FileId(0), host_offset.0 + in_cluster, chunk)
-                    .map_err(self.io_err(format!("writing guest data at host {}", host_offset.0)));
+                return Ok(ClusterPlan::InPlace {
+                    host: host_offset.0,
+                });
             }
         }
-        // A preallocated zero cluster that is ours: fill it in place.
+        // A preallocated zero cluster that is ours is filled in place.
         let target = match slot.entry {
             L2Entry::Zero {
                 preallocated: Some(h),
@@ -232,26 +688,59 @@ impl Qcow2Layer {
             _ => w.refcounts.allocate(io)?,
         };
         self.check_overlap(target)?;
-        let mut buf = AlignedBuf::new(usize::try_from(cs).unwrap_or(0)).ok_or_else(|| {
-            self.io_err("cluster buffer".into())(std::io::Error::from_raw_os_error(libc::ENOMEM))
-        })?;
-        if chunk.len() as u64 != cs {
-            self.fill_cow(io, pos - in_cluster, slot.entry, buf.as_mut_slice())?;
-        }
-        let start = usize::try_from(in_cluster).unwrap_or(0);
-        buf.as_mut_slice()[start..start + chunk.len()].copy_from_slice(chunk);
-        io.write_at(FileId(0), target * cs, buf.as_slice())
-            .map_err(self.io_err(format!(
-                "writing guest cluster {} to host cluster {target}",
-                pos / cs
-            )))?;
-        let new = L2Entry::Normal {
-            host_offset: HostOffset(target * cs),
-            copied: true,
+        let reads_zero = match slot.entry {
+            L2Entry::Zero { .. } => true,
+            L2Entry::Unallocated => !self.backing_covers(pos - in_cluster),
+            L2Entry::Normal { .. } | L2Entry::Compressed(_) => false,
         };
-        self.link(io, w, &slot, new)?;
-        self.release_entry(w, slot.entry, Some(target));
-        Ok(())
+        let (data, zero_first) = if chunk.len() as u64 == cs {
+            (
+                AllocData::Chunk {
+                    at: 0,
+                    bytes: chunk,
+                },
+                false,
+            )
+        } else if reads_zero {
+            // Zero the cluster cheaply (fallocate), then write only the guest's bytes.
+            (
+                AllocData::Chunk {
+                    at: in_cluster,
+                    bytes: chunk,
+                },
+                true,
+            )
+        } else {
+            let mut buf = AlignedBuf::new(usize::try_from(cs).unwrap_or(0)).ok_or_else(|| {
+                self.io_err("cluster buffer".into())(std::io::Error::from_raw_os_error(
+                    libc::ENOMEM,
+                ))
+            })?;
+            self.fill_cow(io, pos - in_cluster, slot.entry, buf.as_mut_slice())?;
+            let start = usize::try_from(in_cluster).unwrap_or(0);
+            buf.as_mut_slice()[start..start + chunk.len()].copy_from_slice(chunk);
+            (AllocData::Whole(buf), false)
+        };
+        let new_raw = encode_l2_entry(
+            L2Entry::Normal {
+                host_offset: HostOffset(target * cs),
+                copied: true,
+            },
+            &g,
+            self.header.version(),
+        )
+        .map_err(|e| self.corrupt_err(format!("encoding an L2 entry: {e}")))?;
+        Ok(ClusterPlan::Alloc(Alloc {
+            job,
+            l1_index: slot.l1_index,
+            l2_index: slot.l2_index,
+            table: slot.table,
+            old: slot.entry,
+            target,
+            zero_first,
+            data,
+            new_raw,
+        }))
     }
 
     /// Fills `buf` (one cluster) with what guest cluster at `start` reads as now.
@@ -459,7 +948,7 @@ impl Qcow2Layer {
                 // Part of a cluster, or no zero flag (v2): write zeroes as data, as QEMU's
                 // block layer does when the format cannot.
                 let zeroes = vec![0u8; usize::try_from(n).unwrap_or(0)];
-                self.write_cluster(io, w, pos, &zeroes)?;
+                self.write(io, w, pos, &zeroes)?;
                 pos += n;
                 continue;
             }
@@ -535,6 +1024,24 @@ impl Qcow2Layer {
         }
         Ok(())
     }
+}
+
+/// The big-endian bytes of `table[range]`, with the `(index, value)` overrides.
+fn table_bytes_with(
+    table: &[AtomicU64],
+    range: std::ops::Range<usize>,
+    overrides: &[(usize, u64)],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(range.len() * 8);
+    for i in range {
+        let v = overrides
+            .iter()
+            .find(|(j, _)| *j == i)
+            .map(|&(_, v)| v)
+            .unwrap_or_else(|| table.get(i).map_or(0, |e| e.load(Ordering::Acquire)));
+        out.extend_from_slice(&v.to_be_bytes());
+    }
+    out
 }
 
 /// The big-endian bytes of `table[range]`, with entry `index` replaced by `value`.
