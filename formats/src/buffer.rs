@@ -16,6 +16,14 @@ pub struct AlignedBuf {
 // SAFETY: AlignedBuf owns its allocation exclusively, like a Box<[u8]>.
 unsafe impl Send for AlignedBuf {}
 
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlignedBuf")
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
 impl AlignedBuf {
     /// Allocates `len` zeroed bytes (at least one).
     pub fn new(len: usize) -> Option<AlignedBuf> {

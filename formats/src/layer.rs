@@ -167,9 +167,21 @@ pub enum MapError {
 /// A guest request that changes metadata, run by [`Layer::update`].
 #[derive(Clone, Copy, Debug)]
 pub enum Update<'a> {
-    Write { offset: u64, data: &'a [u8] },
-    WriteZeroes { offset: u64, len: u64, unmap: bool },
-    Discard { offset: u64, len: u64 },
+    Write {
+        offset: u64,
+        data: &'a [u8],
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    },
+    Discard {
+        offset: u64,
+        len: u64,
+    },
+    /// Make every completed write durable: metadata kept in memory first, then fdatasync.
+    Flush,
 }
 
 /// Why a metadata update failed. The guest request fails; nothing already acknowledged is
@@ -241,6 +253,18 @@ pub trait Layer: Send + Sync + Debug {
         updates: &[Update<'_>],
     ) -> Vec<Result<(), UpdateError>> {
         updates.iter().map(|u| self.update(io, *u)).collect()
+    }
+
+    /// Whether metadata is newer in memory than in the files (see [`Layer::write_back`]).
+    fn metadata_dirty(&self) -> bool {
+        false
+    }
+
+    /// Writes metadata kept in memory to the files, without fdatasync (when the metadata
+    /// thread is idle, so a crash loses less).
+    fn write_back(&self, io: &dyn Storage) -> Result<(), UpdateError> {
+        let _ = io;
+        Ok(())
     }
 
     /// Makes everything the layer wrote durable and returns what it reserved but did not use

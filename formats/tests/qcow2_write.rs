@@ -3,8 +3,8 @@
 //! tables loaded on request, everything else through `update`), the same bytes go to a raw
 //! model, and then `qemu-img check` must find the image clean and `qemu-img compare` must find
 //! it equal to the model. A fault-injecting storage stops the workload after write N for every
-//! N: `qemu-img check` must then report no corruption (leaks allowed) and every acknowledged
-//! write must read back.
+//! N: `qemu-img check` must then report no corruption (leaks allowed) and every write
+//! acknowledged before a completed FLUSH must read back.
 
 #![allow(
     clippy::unwrap_used,
@@ -681,8 +681,11 @@ fn stopping_after_every_write_n_leaves_no_corruption_and_keeps_acknowledged_writ
                     io: &io,
                 };
                 let mut finished = true;
+                // Each op is followed by a FLUSH: what a completed FLUSH covers must survive.
                 for op in &ops {
-                    if apply(&driver, op).is_err() {
+                    let flushed =
+                        apply(&driver, op).and_then(|()| layer.update(&io, Update::Flush));
+                    if flushed.is_err() {
                         let (o, l) = match op {
                             Op::Write { offset, data } => (*offset, data.len() as u64),
                             Op::WriteZeroes { offset, len, .. } | Op::Discard { offset, len } => {
@@ -842,4 +845,48 @@ fn guest_data_aimed_at_metadata_marks_the_image_corrupt_and_read_only() {
         .args(["info", "--output=json"])
         .arg(&top));
     assert!(info.contains("\"corrupt\": true"), "{info}");
+}
+
+/// A cluster zeroed without unmap keeps its host cluster (preallocated zero); a later partial
+/// write into it must not bring back the old bytes around the new ones.
+#[test]
+fn a_partial_write_into_a_preallocated_zero_cluster_reads_zero_around_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let top = dir.path().join("prealloc.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"])
+        .arg(&top)
+        .arg("1M"));
+    let layer = Qcow2Layer::open(image_file(&top, "image", true), None).unwrap();
+    let io = FileStorage::new(layer.files());
+    let driver = Driver {
+        layer: &layer,
+        io: &io,
+    };
+    driver.write(65536, &[0xee; 65536]).unwrap();
+    layer
+        .update(
+            &io,
+            Update::WriteZeroes {
+                offset: 65536,
+                len: 65536,
+                unmap: false,
+            },
+        )
+        .unwrap();
+    driver.write(65536 + 4096, &[0x11; 512]).unwrap();
+    let got = driver.read(65536, 65536);
+    assert!(
+        got[..4096].iter().all(|&b| b == 0),
+        "old bytes before the write"
+    );
+    assert!(got[4096..4608].iter().all(|&b| b == 0x11));
+    assert!(
+        got[4608..].iter().all(|&b| b == 0),
+        "old bytes after the write"
+    );
+    layer.close(&io).unwrap();
+    drop(layer);
+    let (code, report) = qemu_img_check(&top);
+    assert_eq!(code, 0, "{report}");
 }

@@ -130,6 +130,11 @@ impl Disk {
         self.layer.as_ref()
     }
 
+    /// Whether a metadata thread serves this disk (writable qcow2): FLUSH goes through it.
+    pub fn has_updater(&self) -> bool {
+        self.updater.is_some()
+    }
+
     /// Hands a request the layer cannot map in place to the metadata thread; false when there
     /// is none (or it is gone), and the caller fails the request.
     pub fn submit_update(&self, job: UpdateJob, reply: UpdateReply) -> bool {

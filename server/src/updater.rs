@@ -1,25 +1,32 @@
 //! The metadata thread: one per writable qcow2 disk, running the requests a layer cannot map
-//! in place (allocating writes, COW, discard, write-zeroes) one at a time.
+//! in place (allocating writes, COW, discard, write-zeroes) and FLUSH.
 //!
 //! Queue workers never block: they copy a write's data out of guest memory, hand the job here
 //! and go on; the reply callback posts the result back to the worker and wakes it through its
-//! ring. One thread serializes every allocation, which is what makes allocating writes to the
-//! same guest cluster safe without a lock table; writes to allocated clusters do not come here.
-//! On shutdown the thread drains its queue and closes the layer (returning reserved clusters,
-//! fdatasync).
+//! ring. Everything queued when the thread looks is one batch (`Layer::update_batch`), whose
+//! I/O the layer issues in parallel. One thread makes every allocation decision, which is what
+//! makes allocating writes to the same guest cluster safe without a lock table; writes to
+//! allocated clusters do not come here. Idle with metadata kept in memory, it writes it back.
+//! On shutdown the thread drains its queue and closes the layer (write-back, returning
+//! reserved clusters, fdatasync).
 
-use std::sync::mpsc::{channel, Sender};
+use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use vublk_formats::{FileStorage, Layer, Update};
 
 /// A request for the metadata thread.
 #[derive(Debug)]
 pub enum UpdateJob {
+    /// FLUSH: the layer writes back what it keeps in memory, then fdatasyncs.
+    Flush,
     Write {
         offset: u64,
-        data: Vec<u8>,
+        /// Aligned, so O_DIRECT writes of whole clusters need no copy.
+        data: vublk_formats::AlignedBuf,
+        len: usize,
     },
     WriteZeroes {
         ranges: Vec<(u64, u64)>,
@@ -49,7 +56,26 @@ impl Updater {
                 let storage = FileStorage::new(layer.files());
                 // Everything queued runs as one batch: allocations of different requests
                 // write their data and metadata in parallel.
-                while let Ok(first) = rx.recv() {
+                loop {
+                    // With metadata kept in memory, an idle moment writes it back (so a crash
+                    // loses less); otherwise the thread sleeps until the next job.
+                    let first = if layer.metadata_dirty() {
+                        match rx.recv_timeout(WRITE_BACK_IDLE) {
+                            Ok(job) => job,
+                            Err(RecvTimeoutError::Timeout) => {
+                                if let Err(e) = layer.write_back(&storage) {
+                                    log::warn!("{}", error_chain(&e));
+                                }
+                                continue;
+                            }
+                            Err(RecvTimeoutError::Disconnected) => break,
+                        }
+                    } else {
+                        match rx.recv() {
+                            Ok(job) => job,
+                            Err(_) => break,
+                        }
+                    };
                     let mut batch = vec![first];
                     while batch.len() < MAX_BATCH_JOBS {
                         match rx.try_recv() {
@@ -94,6 +120,9 @@ impl Drop for Updater {
     }
 }
 
+/// How long the thread waits for a job before writing back metadata kept in memory.
+const WRITE_BACK_IDLE: Duration = Duration::from_millis(200);
+
 /// Most jobs one batch takes from the queue (64 queue-depth's worth of 4 KiB writes).
 const MAX_BATCH_JOBS: usize = 64;
 
@@ -105,9 +134,9 @@ fn run_batch(layer: &dyn Layer, storage: &FileStorage<'_>, batch: Vec<(UpdateJob
     for (job, _) in &batch {
         let start = updates.len();
         match job {
-            UpdateJob::Write { offset, data } => updates.push(Update::Write {
+            UpdateJob::Write { offset, data, len } => updates.push(Update::Write {
                 offset: *offset,
-                data,
+                data: &data.as_slice()[..*len],
             }),
             UpdateJob::WriteZeroes { ranges, unmap } => {
                 updates.extend(ranges.iter().map(|&(offset, len)| Update::WriteZeroes {
@@ -116,6 +145,7 @@ fn run_batch(layer: &dyn Layer, storage: &FileStorage<'_>, batch: Vec<(UpdateJob
                     unmap: *unmap,
                 }))
             }
+            UpdateJob::Flush => updates.push(Update::Flush),
             UpdateJob::Discard { ranges } => updates.extend(
                 ranges
                     .iter()

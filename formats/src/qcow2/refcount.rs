@@ -1,9 +1,8 @@
 //! Refcounts of a writable qcow2 image: lookups, write-through updates and the allocator.
 //!
 //! Owns: the refcount table (loaded whole: at most 8 MiB), a small cache of refcount blocks,
-//! and cluster allocation. Every change is written to the image before the call returns;
-//! nothing is kept dirty in memory, so a killed process leaves the file as the last completed
-//! write left it.
+//! and cluster allocation. Every refcount change is written to the image before the call
+//! returns; no refcount is kept dirty in memory.
 //!
 //! Ordering, so that any crash leaves an image `qemu-img check` calls consistent (leaks
 //! allowed):
@@ -13,8 +12,9 @@
 //! - A new refcount block describes itself and is written (and synced) before the table entry
 //!   that points to it; a grown refcount table is written and synced before the header points
 //!   to it, and the old table is freed after.
-//! - A dropped reference is released ([`Refcounts::release_later`]) only after the next
-//!   fdatasync: the L2 or L1 write that stopped pointing at the cluster is durable first.
+//! - A dropped reference is released ([`Refcounts::release_later`]) only when the layer calls
+//!   [`Refcounts::release_pending`], after it wrote back and fdatasynced the tables that
+//!   stopped pointing at the cluster.
 //!
 //! The allocator's cursor only moves forward within a session: a cluster freed in this session
 //! is never handed out again before a restart, so a guest write still in flight to it can only
@@ -234,10 +234,9 @@ impl Refcounts {
         self.pending_release.push(cluster);
     }
 
-    /// fdatasync, then release what waited for it (freed clusters are punched out).
-    pub(crate) fn sync_and_release(&mut self, io: &dyn Storage) -> Result<(), UpdateError> {
-        io.sync(FileId(0))
-            .map_err(self.io_err("fdatasync".into()))?;
+    /// Releases what waited for a sync (freed clusters are punched out). The caller has
+    /// written back every table that stopped referencing them and fdatasynced.
+    pub(crate) fn release_pending(&mut self, io: &dyn Storage) -> Result<(), UpdateError> {
         let pending = std::mem::take(&mut self.pending_release);
         for cluster in pending {
             if self.add(io, cluster, -1)? == 0 {
@@ -249,11 +248,12 @@ impl Refcounts {
         Ok(())
     }
 
-    /// At a clean shutdown: releases reserved clusters and pending releases, durably.
+    /// At a clean shutdown, after the caller wrote back and synced every table: releases
+    /// reserved clusters and pending releases, durably.
     pub(crate) fn close(&mut self, io: &dyn Storage) -> Result<(), UpdateError> {
         let reserved: Vec<u64> = self.reserved.drain(..).collect();
         self.pending_release.extend(reserved);
-        self.sync_and_release(io)?;
+        self.release_pending(io)?;
         io.sync(FileId(0)).map_err(self.io_err("fdatasync".into()))
     }
 
@@ -313,7 +313,8 @@ impl Refcounts {
             self.cursor += 1;
         }
         self.write_dirty(io, dirty)?;
-        self.sync_and_release(io)?;
+        io.sync(FileId(0))
+            .map_err(self.io_err("fdatasync".into()))?;
         self.reserved.extend(got);
         Ok(())
     }

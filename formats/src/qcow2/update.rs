@@ -1,12 +1,13 @@
 //! qcow2 metadata updates: allocating writes with copy-on-write, write-zeroes and discard.
 //!
-//! Runs on the disk's metadata thread with blocking I/O (see [`crate::Storage`]), one update
-//! at a time, which serializes every allocation (and so every allocating write to the same
-//! guest cluster); writes to allocated clusters never come here and run in parallel on the
-//! queues. Each step completes before the next starts, in the order `formats/QCOW2-WRITES.md`
-//! gives: data, then the L2 entry (a new or copied L2 table, then its L1 entry), then the
-//! release of what is no longer referenced. An in-memory entry changes only after its write
-//! completed, so a request that maps through it can rely on what it sees being on the file.
+//! Runs on the disk's metadata thread (see [`crate::Storage`]), which serializes every
+//! allocation decision (and so every allocating write to the same guest cluster); writes to
+//! allocated clusters never come here and run in parallel on the queues. A batch of writes runs
+//! in rounds of distinct guest clusters; each round's writes of one kind go out together, in
+//! the order `formats/QCOW2-WRITES.md` gives: zero ranges, data, new or copied L2 tables, L1
+//! entries; entries in existing tables change in memory and are written back at FLUSH (or when
+//! idle); the release of what is no longer referenced waits for a sync after that. An
+//! in-memory entry points only at data already written.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +16,10 @@ use std::sync::{Arc, MutexGuard};
 use crate::qcow2::cache::L2Table;
 use crate::qcow2::layer::WriterState;
 use crate::qcow2::refcount::meta_unit;
+
+/// L2 tables with entries newer in memory than in the file before a batch writes them back
+/// without waiting for FLUSH (each stays pinned in the cache until then).
+const MAX_DIRTY_L2_TABLES: usize = 64;
 use crate::qcow2::{
     decode_l1_entry, decode_l2_entry, encode_l1_entry, encode_l2_entry, GuestOffset, HostOffset,
     L1Entry, L2Entry, Qcow2Layer, Version,
@@ -62,10 +67,9 @@ enum AllocData<'d> {
     Chunk { at: u64, bytes: &'d [u8] },
 }
 
-/// A write of one aligned unit of an L2 table that is ours.
+/// New entries for one aligned unit of an L2 table that is ours.
 struct UnitWrite {
-    offset: u64,
-    bytes: Vec<u8>,
+    unit: usize,
     table: HostOffset,
     held: L2Table,
     entries: Vec<(usize, u64)>,
@@ -150,6 +154,7 @@ impl Qcow2Layer {
                         self.write_zeroes(io, &mut w, offset, len, unmap)
                     }
                     Update::Discard { offset, len } => self.discard(io, &mut w, offset, len),
+                    Update::Flush => self.sync_metadata(io, &mut w),
                 }]
             } else {
                 self.write_batch(io, &mut w, &writes)
@@ -169,7 +174,84 @@ impl Qcow2Layer {
                 .unwrap_or_else(|e| e.into_inner())
                 .extend(new_metadata);
         }
+        if w.dirty_l2.len() > MAX_DIRTY_L2_TABLES {
+            if let Err(e) = self.write_dirty(io, &mut w) {
+                log::warn!("{e}");
+            }
+        }
         results
+    }
+
+    /// Writes back every L2 unit newer in memory than in the file (no fdatasync).
+    pub(super) fn write_back_dirty(&self, io: &dyn Storage) -> Result<(), UpdateError> {
+        let mut w = self.lock_writer()?;
+        self.write_dirty(io, &mut w)
+    }
+
+    fn write_dirty(&self, io: &dyn Storage, w: &mut WriterState) -> Result<(), UpdateError> {
+        if w.dirty_l2.is_empty() || self.corrupt.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let per_unit = usize::try_from(meta_unit(self.geometry().cluster_size()) / 8).unwrap_or(1);
+        let mut writes: Vec<(u64, u64, Vec<u8>)> = Vec::new();
+        for (&table, (held, units)) in &w.dirty_l2 {
+            // The cached copy (pinned, so the one every update reached); the first copy the
+            // writer held may have been replaced by a reload before the table became dirty.
+            let current = self.l2.get(table).unwrap_or_else(|| Arc::clone(held));
+            for &unit in units {
+                let first = unit * per_unit;
+                writes.push((
+                    table,
+                    table + first as u64 * 8,
+                    table_bytes_with(&current, first..first + per_unit, &[]),
+                ));
+            }
+        }
+        let ops: Vec<BatchOp<'_>> = writes
+            .iter()
+            .map(|(_, offset, bytes)| BatchOp::Write {
+                file: FileId(0),
+                offset: *offset,
+                data: bytes,
+            })
+            .collect();
+        let results = io.run_batch(&ops);
+        let mut failed = None;
+        let mut failed_tables = HashSet::new();
+        for ((table, offset, _), r) in writes.iter().zip(results) {
+            if let Err(e) = r {
+                failed_tables.insert(*table);
+                failed.get_or_insert((*offset, e));
+            }
+        }
+        // Tables written in full leave the dirty set and may be evicted again.
+        let done: Vec<u64> = w
+            .dirty_l2
+            .keys()
+            .copied()
+            .filter(|t| !failed_tables.contains(t))
+            .collect();
+        for table in done {
+            w.dirty_l2.remove(&table);
+            self.l2.unpin(table);
+        }
+        match failed {
+            None => Ok(()),
+            Some((offset, source)) => Err(UpdateError::Io {
+                fd: self.fd(),
+                what: format!("writing back the L2 table entries at {offset}"),
+                source,
+            }),
+        }
+    }
+
+    /// FLUSH: writes back the L2 entries kept in memory, fdatasyncs, then releases the
+    /// clusters whose last reference those writes dropped.
+    fn sync_metadata(&self, io: &dyn Storage, w: &mut WriterState) -> Result<(), UpdateError> {
+        self.write_dirty(io, w)?;
+        io.sync(FileId(0))
+            .map_err(self.io_err("fdatasync".into()))?;
+        w.refcounts.release_pending(io)
     }
 
     pub(super) fn close_writer(&self, io: &dyn Storage) -> Result<(), UpdateError> {
@@ -181,6 +263,7 @@ impl Qcow2Layer {
             // Never touch refcounts of an image found inconsistent: leaks are safe.
             return io.sync(FileId(0)).map_err(self.io_err("fdatasync".into()));
         }
+        self.sync_metadata(io, &mut w)?;
         w.refcounts.close(io)
     }
 
@@ -423,11 +506,9 @@ impl Qcow2Layer {
                         by_unit.entry(l2 / per_unit).or_default().push(k);
                     }
                     for (unit_no, ks) in by_unit {
-                        let first = unit_no * per_unit;
                         let overrides: Vec<(usize, u64)> = ks.iter().map(|&k| entries[k]).collect();
                         unit_writes.push(UnitWrite {
-                            offset: offset.0 + first as u64 * 8,
-                            bytes: table_bytes_with(&t, first..first + per_unit, &overrides),
+                            unit: unit_no,
                             table: offset,
                             held: Arc::clone(&t),
                             entries: overrides,
@@ -472,44 +553,32 @@ impl Qcow2Layer {
                 }
             }
         }
-        let mut ops = Vec::new();
-        let mut owners: Vec<Vec<usize>> = Vec::new();
+        // Entries in tables that are ours are kept in memory (write-back, like QEMU's L2
+        // cache): the data they point at is written, so any later write of the unit is safe.
+        // FLUSH, the idle metadata thread, a full dirty set and shutdown write them.
         for u in &unit_writes {
-            ops.push(BatchOp::Write {
-                file: FileId(0),
-                offset: u.offset,
-                data: &u.bytes,
-            });
-            owners.push(u.allocs.iter().map(|&i| allocs[i].job).collect());
+            for &(l2, raw) in &u.entries {
+                self.l2.update_entry(u.table.0, l2, raw, &u.held);
+            }
+            self.l2.pin(u.table.0);
+            let (_, units) = w
+                .dirty_l2
+                .entry(u.table.0)
+                .or_insert_with(|| (Arc::clone(&u.held), std::collections::BTreeSet::new()));
+            units.insert(u.unit);
+            for &i in &u.allocs {
+                self.release_entry(w, allocs[i].old, Some(allocs[i].target));
+            }
         }
-        for t in &new_tables {
-            ops.push(BatchOp::Write {
+        let ops: Vec<BatchOp<'_>> = new_tables
+            .iter()
+            .map(|t| BatchOp::Write {
                 file: FileId(0),
                 offset: t.cluster * cs,
                 data: &t.bytes,
-            });
-            owners.push(t.allocs.iter().map(|&i| allocs[i].job).collect());
-        }
-        let l2_results = io.run_batch(&ops);
-        let (unit_results, table_results) = l2_results.split_at(unit_writes.len());
-        for (u, r) in unit_writes.iter().zip(unit_results) {
-            match r {
-                Ok(()) => {
-                    for &(l2, raw) in &u.entries {
-                        self.l2.update_entry(u.table.0, l2, raw, &u.held);
-                    }
-                    for &i in &u.allocs {
-                        self.release_entry(w, allocs[i].old, Some(allocs[i].target));
-                    }
-                }
-                Err(e) => {
-                    let detail = format!("writing the L2 table at {}: {e}", u.table.0);
-                    for &i in &u.allocs {
-                        self.fail(results, allocs[i].job, &detail);
-                    }
-                }
-            }
-        }
+            })
+            .collect();
+        let table_results = io.run_batch(&ops);
         for (t, r) in new_tables.iter_mut().zip(table_results) {
             match r {
                 Ok(()) => t.written = true,
@@ -680,12 +749,15 @@ impl Qcow2Layer {
             }
         }
         // A preallocated zero cluster that is ours is filled in place.
-        let target = match slot.entry {
+        let (target, never_written) = match slot.entry {
             L2Entry::Zero {
                 preallocated: Some(h),
                 copied: true,
-            } if table_copied => h.0 / cs,
-            _ => w.refcounts.allocate(io)?,
+            } if table_copied => (h.0 / cs, false),
+            _ => {
+                let c = w.refcounts.allocate(io)?;
+                (c, c >= w.fresh_from)
+            }
         };
         self.check_overlap(target)?;
         let reads_zero = match slot.entry {
@@ -702,13 +774,17 @@ impl Qcow2Layer {
                 false,
             )
         } else if reads_zero {
-            // Zero the cluster cheaply (fallocate), then write only the guest's bytes.
+            // Write only the guest's bytes. The rest of the cluster must read as zero: a new
+            // cluster past the end of the file at open was never written (the allocator hands
+            // each out once per session), so it is a hole or past the end already; any other
+            // (reused free space, a preallocated zero cluster) is zeroed first, cheaply
+            // (fallocate).
             (
                 AllocData::Chunk {
                     at: in_cluster,
                     bytes: chunk,
                 },
-                true,
+                !never_written,
             )
         } else {
             let mut buf = AlignedBuf::new(usize::try_from(cs).unwrap_or(0)).ok_or_else(|| {
@@ -970,7 +1046,7 @@ impl Qcow2Layer {
             pos += n;
         }
         if released {
-            w.refcounts.sync_and_release(io)?;
+            self.sync_metadata(io, w)?;
         }
         Ok(())
     }
@@ -1020,7 +1096,7 @@ impl Qcow2Layer {
             pos += cs;
         }
         if released {
-            w.refcounts.sync_and_release(io)?;
+            self.sync_metadata(io, w)?;
         }
         Ok(())
     }

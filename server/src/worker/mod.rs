@@ -751,13 +751,16 @@ impl Worker {
                 let Ok(len) = usize::try_from(range.len) else {
                     return self.finish_now(inflight, VIRTIO_BLK_S_IOERR);
                 };
-                let mut bytes = vec![0u8; len];
-                if read_guest(&inflight.mem, data, &mut bytes).is_err() {
+                let Some(mut bytes) = AlignedBuf::new(len) else {
+                    return self.finish_now(inflight, VIRTIO_BLK_S_IOERR);
+                };
+                if read_guest(&inflight.mem, data, &mut bytes.as_mut_slice()[..len]).is_err() {
                     return self.finish_now(inflight, VIRTIO_BLK_S_IOERR);
                 }
                 UpdateJob::Write {
                     offset: range.offset,
                     data: bytes,
+                    len,
                 }
             }
             Some(Op::WriteZeroes { ranges, unmap }) => UpdateJob::WriteZeroes {
@@ -767,6 +770,7 @@ impl Worker {
             Some(Op::Discard { ranges }) => UpdateJob::Discard {
                 ranges: ranges.iter().map(|r| (r.offset, r.len)).collect(),
             },
+            Some(Op::Flush) => UpdateJob::Flush,
             _ => return self.finish_now(inflight, VIRTIO_BLK_S_IOERR),
         };
         let token = self.next_update_token;
@@ -855,6 +859,10 @@ impl Worker {
                 self.plan_rw(inflight, MapKind::Read, *range, data)
             }
             Op::Write { range, data } => self.plan_rw(inflight, MapKind::Write, *range, data),
+            Op::Flush if self.disk.has_updater() => {
+                // The metadata thread keeps L2 entries in memory: it writes them, then syncs.
+                Err(Planned::NeedUpdate)
+            }
             Op::Flush => {
                 for (i, file) in self.file_options.iter().enumerate() {
                     if file.writable {
