@@ -14,7 +14,17 @@ use crate::config::ServeConfig;
 use crate::disk::Disk;
 use crate::vhost_user::connection::{self, Endpoint, Shutdown};
 
+/// Largest allocation served from the heap rather than its own mmap. Request buffers (bounces,
+/// the copies of writes handed to the metadata thread, clusters) are up to a few MiB and come
+/// and go per request: with glibc's default threshold (128 KiB, adjusted upwards only after a
+/// free) each would cost page faults to allocate and a TLB shootdown across threads to free.
+const HEAP_ALLOCATION_LIMIT: libc::c_int = 64 << 20;
+
 pub fn run(args: ServeArgs) -> Result<()> {
+    // SAFETY: mallopt only changes allocator tuning; it is called before any thread exists.
+    if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, HEAP_ALLOCATION_LIMIT) } != 1 {
+        log::warn!("could not raise the mmap threshold; large request buffers will be mmapped");
+    }
     let config = ServeConfig::try_from(args)?;
     // Block the termination signals before any thread exists, so every thread inherits the
     // mask and only the signalfd below sees them.

@@ -6,8 +6,9 @@
 //!
 //! Ordering, so that any crash leaves an image `qemu-img check` calls consistent (leaks
 //! allowed):
-//! - Allocation hands out clusters whose refcount 1 is already durable: the allocator reserves
-//!   a batch, writes the refcounts and fdatasyncs once per batch. A crash leaks what was
+//! - Allocation hands out clusters whose refcount is already 1 in the file: the allocator
+//!   reserves a batch and writes the refcounts; they are fdatasynced ([`Refcounts::make_durable`])
+//!   before the first L2 or L1 write that can make one of them reachable. A crash leaks what was
 //!   reserved and unused.
 //! - A new refcount block describes itself and is written (and synced) before the table entry
 //!   that points to it; a grown refcount table is written and synced before the header points
@@ -69,6 +70,8 @@ pub(crate) struct Refcounts {
     limit: u64,
     /// Clusters that became refcount metadata since the layer last took this list.
     pub(crate) new_metadata: Vec<u64>,
+    /// Refcounts of a reserved batch were written but not yet fdatasynced.
+    unsynced: bool,
 }
 
 impl Refcounts {
@@ -108,6 +111,7 @@ impl Refcounts {
             pending_release: Vec::new(),
             limit,
             new_metadata: Vec::new(),
+            unsynced: false,
         })
     }
 
@@ -313,10 +317,28 @@ impl Refcounts {
             self.cursor += 1;
         }
         self.write_dirty(io, dirty)?;
-        io.sync(FileId(0))
-            .map_err(self.io_err("fdatasync".into()))?;
+        // Not synced here: the tables that will point at these clusters call
+        // `make_durable` before any write that makes them reachable.
+        self.unsynced = true;
         self.reserved.extend(got);
         Ok(())
+    }
+
+    /// Makes the refcounts of reserved clusters durable (fdatasync) if a batch was reserved
+    /// since the last sync: called before an L2 or L1 write that could make one reachable, so
+    /// that a host crash never leaves a referenced cluster with refcount 0.
+    pub(crate) fn make_durable(&mut self, io: &dyn Storage) -> Result<(), UpdateError> {
+        if self.unsynced {
+            io.sync(FileId(0))
+                .map_err(self.io_err("fdatasync".into()))?;
+            self.unsynced = false;
+        }
+        Ok(())
+    }
+
+    /// Records an fdatasync done by the caller.
+    pub(crate) fn synced(&mut self) {
+        self.unsynced = false;
     }
 
     /// Writes the units of one block holding the given entries.

@@ -19,7 +19,11 @@ use crate::qcow2::refcount::meta_unit;
 
 /// L2 tables with entries newer in memory than in the file before a batch writes them back
 /// without waiting for FLUSH (each stays pinned in the cache until then).
-const MAX_DIRTY_L2_TABLES: usize = 64;
+const MAX_DIRTY_L2_TABLES: usize = 256;
+
+/// Units (4 KiB, or a cluster if smaller) of L2 entries kept in memory before a batch writes
+/// them back: one parallel write of at most 4 MiB.
+const MAX_DIRTY_L2_UNITS: usize = 1024;
 use crate::qcow2::{
     decode_l1_entry, decode_l2_entry, encode_l1_entry, encode_l2_entry, GuestOffset, HostOffset,
     L1Entry, L2Entry, Qcow2Layer, Version,
@@ -55,6 +59,8 @@ struct Alloc<'d> {
     /// Zero the whole cluster before the data write (the rest of it reads as zero).
     zero_first: bool,
     data: AllocData<'d>,
+    /// Where the chunk starts in its write's data.
+    data_offset: usize,
     /// The L2 entry that points at `target`.
     new_raw: u64,
 }
@@ -174,7 +180,8 @@ impl Qcow2Layer {
                 .unwrap_or_else(|e| e.into_inner())
                 .extend(new_metadata);
         }
-        if w.dirty_l2.len() > MAX_DIRTY_L2_TABLES {
+        let dirty_units: usize = w.dirty_l2.values().map(|(_, units)| units.len()).sum();
+        if w.dirty_l2.len() > MAX_DIRTY_L2_TABLES || dirty_units > MAX_DIRTY_L2_UNITS {
             if let Err(e) = self.write_dirty(io, &mut w) {
                 log::warn!("{e}");
             }
@@ -192,6 +199,8 @@ impl Qcow2Layer {
         if w.dirty_l2.is_empty() || self.corrupt.load(Ordering::Relaxed) {
             return Ok(());
         }
+        // The entries point at clusters from reserved batches: their refcounts first.
+        w.refcounts.make_durable(io)?;
         let per_unit = usize::try_from(meta_unit(self.geometry().cluster_size()) / 8).unwrap_or(1);
         let mut writes: Vec<(u64, u64, Vec<u8>)> = Vec::new();
         for (&table, (held, units)) in &w.dirty_l2 {
@@ -251,6 +260,7 @@ impl Qcow2Layer {
         self.write_dirty(io, w)?;
         io.sync(FileId(0))
             .map_err(self.io_err("fdatasync".into()))?;
+        w.refcounts.synced();
         w.refcounts.release_pending(io)
     }
 
@@ -423,7 +433,7 @@ impl Qcow2Layer {
                 let in_cluster = pos % cs;
                 let n = usize::try_from((cs - in_cluster).min((data.len() - done) as u64))
                     .unwrap_or(usize::MAX);
-                match self.plan_cluster(io, w, job, pos, &data[done..done + n]) {
+                match self.plan_cluster(io, w, job, pos, &data[done..done + n], done) {
                     Ok(ClusterPlan::InPlace { host }) => {
                         in_place.push((job, host + in_cluster, &data[done..done + n]))
                     }
@@ -462,17 +472,61 @@ impl Qcow2Layer {
             });
             owners.push(vec![job]);
         }
-        for a in allocs.iter().filter(|a| ok(results, a.job)) {
-            let (at, bytes) = match &a.data {
-                AllocData::Whole(buf) => (0, buf.as_slice()),
-                AllocData::Chunk { at, bytes } => (*at, *bytes),
-            };
-            ops.push(BatchOp::Write {
-                file: FileId(0),
-                offset: a.target * cs + at,
-                data: bytes,
-            });
-            owners.push(vec![a.job]);
+        // Whole clusters of one write that landed in consecutive host clusters go out as one
+        // write (the allocator hands out clusters in order), as a guest's large sequential
+        // write would on a raw disk.
+        // (job, host offset, data from, data to) of whole clusters, or an allocation alone.
+        enum DataWrite {
+            Run(usize, u64, usize, usize),
+            One(usize),
+        }
+        let mut plan: Vec<DataWrite> = Vec::new();
+        for (i, a) in allocs
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| ok(results, a.job))
+        {
+            match &a.data {
+                AllocData::Chunk { at: 0, bytes } if bytes.len() as u64 == cs => {
+                    let from = a.data_offset;
+                    let to = from + bytes.len();
+                    let host = a.target * cs;
+                    match plan.last_mut() {
+                        Some(DataWrite::Run(job, start, f, t))
+                            if *job == a.job && *t == from && *start + (*t - *f) as u64 == host =>
+                        {
+                            *t = to;
+                        }
+                        _ => plan.push(DataWrite::Run(a.job, host, from, to)),
+                    }
+                }
+                _ => plan.push(DataWrite::One(i)),
+            }
+        }
+        for p in &plan {
+            match *p {
+                DataWrite::Run(job, host, from, to) => {
+                    ops.push(BatchOp::Write {
+                        file: FileId(0),
+                        offset: host,
+                        data: &writes[job].1[from..to],
+                    });
+                    owners.push(vec![job]);
+                }
+                DataWrite::One(i) => {
+                    let a = &allocs[i];
+                    let (at, bytes) = match &a.data {
+                        AllocData::Whole(buf) => (0, buf.as_slice()),
+                        AllocData::Chunk { at, bytes } => (*at, *bytes),
+                    };
+                    ops.push(BatchOp::Write {
+                        file: FileId(0),
+                        offset: a.target * cs + at,
+                        data: bytes,
+                    });
+                    owners.push(vec![a.job]);
+                }
+            }
         }
         self.run_and_fail(io, &ops, &owners, results, "writing guest data");
 
@@ -590,13 +644,21 @@ impl Qcow2Layer {
                 }
             }
         }
-        if new_tables
-            .iter()
-            .any(|t| t.written && t.cluster < w.fresh_from)
-        {
-            // A reused cluster holds old bytes: the table must be durable before L1 points
-            // at it, or a host crash could expose them as entries.
-            if let Err(e) = io.sync(FileId(0)) {
+        if new_tables.iter().any(|t| t.written) {
+            // Before L1 makes the tables reachable: the refcounts of everything they point at
+            // must be durable, and a table in a reused cluster too (old bytes there must never
+            // be read as entries after a host crash).
+            let reused = new_tables
+                .iter()
+                .any(|t| t.written && t.cluster < w.fresh_from);
+            let synced = if reused {
+                io.sync(FileId(0)).map(|()| w.refcounts.synced())
+            } else {
+                w.refcounts
+                    .make_durable(io)
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+            };
+            if let Err(e) = synced {
                 let detail = format!("fdatasync: {e}");
                 for t in new_tables.iter_mut().filter(|t| t.written) {
                     t.written = false;
@@ -729,6 +791,7 @@ impl Qcow2Layer {
         job: usize,
         pos: u64,
         chunk: &'d [u8],
+        data_offset: usize,
     ) -> Result<ClusterPlan<'d>, UpdateError> {
         let g = *self.geometry();
         let cs = g.cluster_size();
@@ -815,6 +878,7 @@ impl Qcow2Layer {
             target,
             zero_first,
             data,
+            data_offset,
             new_raw,
         }))
     }
@@ -945,6 +1009,10 @@ impl Qcow2Layer {
                     // points at it, or a host crash could expose them as entries.
                     io.sync(FileId(0))
                         .map_err(self.io_err("fdatasync".into()))?;
+                    w.refcounts.synced();
+                } else {
+                    // The table's own refcount, before L1 makes it reachable.
+                    w.refcounts.make_durable(io)?;
                 }
                 self.metadata
                     .write()
