@@ -58,6 +58,13 @@ pub enum OpenError {
     CorruptWritable { fd: RawFd, role: String },
     #[error("fd {fd} ({role}): the image is dirty (it was not closed cleanly while using lazy refcounts); repair it with `qemu-img check -r all` before serving it writable, or serve it with --read-only")]
     DirtyWritable { fd: RawFd, role: String },
+    #[error("fd {fd} ({role}): {what} shares host cluster {offset:#x} with other metadata; the image is inconsistent: serve it --read-only, or check it with `qemu-img check`")]
+    Overlap {
+        fd: RawFd,
+        role: String,
+        what: String,
+        offset: u64,
+    },
     #[error("fd {fd} ({role}): cannot prepare the image for writing")]
     Update {
         fd: RawFd,

@@ -890,3 +890,30 @@ fn a_partial_write_into_a_preallocated_zero_cluster_reads_zero_around_it() {
     let (code, report) = qemu_img_check(&top);
     assert_eq!(code, 0, "{report}");
 }
+
+/// A refcount block placed on the L1 table: vublk's refcount writes would land in the L1
+/// table, so the image is refused writable (naming both), and still served read-only.
+#[test]
+fn metadata_sharing_a_cluster_is_refused_writable() {
+    let dir = tempfile::tempdir().unwrap();
+    let top = dir.path().join("shared.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"])
+        .arg(&top)
+        .arg("1M"));
+    let bytes = read_all(&top);
+    let be = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap());
+    let l1 = be(40);
+    let refcount_table = usize::try_from(be(48)).unwrap();
+    let f = OpenOptions::new().write(true).open(&top).unwrap();
+    f.write_all_at(&l1.to_be_bytes(), refcount_table as u64)
+        .unwrap();
+    drop(f);
+    let err = Qcow2Layer::open(image_file(&top, "image", true), None).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, OpenError::Overlap { .. }), "{msg}");
+    assert!(msg.contains("refcount block 0"), "{msg}");
+    assert!(msg.contains(&format!("{l1:#x}")), "{msg}");
+    assert!(msg.contains("--read-only"), "{msg}");
+    Qcow2Layer::open(image_file(&top, "image", false), None).unwrap();
+}

@@ -932,3 +932,112 @@ fn deflate_bomb_decompresses_one_cluster_only() {
     served.read_byte("the bomb again, mid-cluster", CLUSTER + 4096, 4096, 0x41);
     served.finish((0, CLUSTER, DATA_BYTE));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Writable: opening for writing reads more (the refcount table) and builds the metadata map.
+
+/// The largest L1 table (32 MiB, every entry a distinct L2 table) and the largest refcount
+/// table (8 MiB, every entry a distinct block), opened read-write in the box: vublk starts
+/// within the memory limit, writes (an allocation, whose tables lie past the end of the file)
+/// and reads back, and stops cleanly.
+#[test]
+fn largest_l1_and_refcount_tables_are_served_writable_within_the_box() {
+    const L1_ENTRIES: u64 = 32 * MIB / 8;
+    const REFCOUNT_ENTRIES: u64 = 8 * MIB / 8;
+    let s = Scratch::new();
+    let img = s.data_image(DISK, CLUSTER, "");
+    let size = L1_ENTRIES * (CLUSTER / 8) * CLUSTER;
+    let end = img.len().unwrap().next_multiple_of(CLUSTER);
+    // Tables at the end of the (sparse) file: L1, then the refcount table, then the tables
+    // they point at, all distinct clusters far past them.
+    let l1 = end;
+    let refcount_table = l1 + 32 * MIB;
+    let tables = refcount_table + 8 * MIB;
+    img.set_len(tables).unwrap();
+    let old_l1 = img.l1_entry(0).unwrap();
+    let old_block = img
+        .get_u64(img.get_u64(field::REFCOUNT_TABLE_OFFSET).unwrap())
+        .unwrap();
+    let mut l1_bytes = Vec::new();
+    for i in 0..L1_ENTRIES {
+        let entry = if i == 0 {
+            old_l1
+        } else {
+            l2_standard(tables + (REFCOUNT_ENTRIES + i) * CLUSTER)
+        };
+        l1_bytes.extend_from_slice(&entry.to_be_bytes());
+    }
+    img.put_bytes(l1, &l1_bytes).unwrap();
+    let mut rt_bytes = Vec::new();
+    for i in 0..REFCOUNT_ENTRIES {
+        let entry = if i == 0 {
+            old_block
+        } else {
+            tables + i * CLUSTER
+        };
+        rt_bytes.extend_from_slice(&entry.to_be_bytes());
+    }
+    img.put_bytes(refcount_table, &rt_bytes).unwrap();
+    // Refcount 1 (16-bit entries in block 0) for the new L1 and refcount table clusters, so
+    // the image is consistent and the allocator finds free clusters after them.
+    let first = l1 / CLUSTER;
+    let count = (tables - l1) / CLUSTER;
+    assert!(
+        first + count <= CLUSTER / 2,
+        "block 0 covers the new tables"
+    );
+    let ones: Vec<u8> = (0..count).flat_map(|_| [0u8, 1]).collect();
+    img.put_bytes(old_block + 2 * first, &ones).unwrap();
+    img.put_u64(field::L1_TABLE_OFFSET, l1).unwrap();
+    img.put_u32(field::L1_SIZE, u32::try_from(L1_ENTRIES).unwrap())
+        .unwrap();
+    img.put_u64(field::REFCOUNT_TABLE_OFFSET, refcount_table)
+        .unwrap();
+    img.put_u32(
+        field::REFCOUNT_TABLE_CLUSTERS,
+        u32::try_from(8 * MIB / CLUSTER).unwrap(),
+    )
+    .unwrap();
+    img.put_u64(field::SIZE, size).unwrap();
+
+    let opts = DiskOptions {
+        format: "qcow2".to_string(),
+        ..DiskOptions::raw(img.path())
+    };
+    let daemon = BOX
+        .serve(&opts, &s.path("vhost.sock"), &s.path("serve.stderr"))
+        .unwrap_or_else(|e| panic!("{e:#}"))
+        .unwrap_or_else(|exit| {
+            panic!(
+                "vublk serve refused or died opening the image writable ({}): {}",
+                exit.status, exit.stderr
+            )
+        });
+    let mut client = BlkClient::connect(&daemon.socket, 1)
+        .unwrap_or_else(|e| panic!("connecting: {e}; stderr:\n{}", tail(&s.serve_stderr())));
+    // Guest cluster 0 is allocated: in place. A cluster under L1 entry 1 allocates (its L2
+    // table, past the end of the file, reads as zeroes).
+    let at = CLUSTER / 8 * CLUSTER;
+    for offset in [0, at] {
+        client.write(offset, &[0x5a; 4096]).unwrap_or_else(|e| {
+            panic!(
+                "write at {offset}: {e}; stderr:\n{}",
+                tail(&s.serve_stderr())
+            )
+        });
+        assert_uniform("written data", &client.read(offset, 4096).unwrap(), 0x5a);
+    }
+    let peak = hostile::vm_peak(daemon.pid());
+    eprintln!(
+        "daemon VmPeak: {} MiB (RLIMIT_AS {} MiB)",
+        peak.map_or(-1, |p| i64::try_from(p / MIB).unwrap()),
+        ADDRESS_SPACE_LIMIT / MIB
+    );
+    drop(client);
+    let status = daemon.terminate().unwrap();
+    assert!(
+        status.success(),
+        "the daemon did not stop cleanly ({status}); stderr:\n{}",
+        tail(&s.serve_stderr())
+    );
+}

@@ -182,21 +182,48 @@ impl Qcow2Layer {
             limit,
         )
         .map_err(update_err)?;
-        let mut metadata: HashSet<u64> = refcounts.metadata_clusters().into_iter().collect();
-        metadata.insert(0);
+        // Every metadata structure must own its clusters: an image whose refcount blocks,
+        // refcount table, L1 or L2 tables share a cluster (with each other or the header)
+        // would have vublk's refcount or table writes land in another structure. QEMU's
+        // overlap check refuses such writes; here the image is refused writable at open.
+        let mut metadata: HashSet<u64> = HashSet::new();
+        let mut claim = |cluster: u64, what: String| -> Result<(), OpenError> {
+            if metadata.insert(cluster) {
+                Ok(())
+            } else {
+                Err(OpenError::Overlap {
+                    fd,
+                    role: role.clone(),
+                    what,
+                    offset: cluster * cs,
+                })
+            }
+        };
+        claim(0, "the header".into())?;
         let l1_first = self.header.l1_table_offset().0 / cs;
-        metadata.extend(l1_first..l1_first + self.header.l1_table_bytes().div_ceil(cs).max(1));
+        for c in l1_first..l1_first + self.header.l1_table_bytes().div_ceil(cs).max(1) {
+            claim(c, "the L1 table".into())?;
+        }
+        let (rt_first, rt_clusters) = refcounts.table_clusters();
+        for c in rt_first..rt_first + rt_clusters {
+            claim(c, "the refcount table".into())?;
+        }
+        for (index, c) in refcounts.block_clusters() {
+            claim(c, format!("refcount block {index}"))?;
+        }
         for (i, raw) in self.l1.iter().enumerate() {
             if let Ok(L1Entry::L2Table { offset, .. }) =
                 decode_l1_entry(raw.load(Ordering::Relaxed), i as u64, &self.geometry)
             {
-                metadata.insert(offset.0 / cs);
+                claim(offset.0 / cs, format!("the L2 table of L1 entry {i}"))?;
             }
         }
         if self.header.nb_snapshots() > 0 {
             let first = self.header.snapshots_offset().0 / cs;
             let bytes = u64::from(self.header.nb_snapshots()) * SNAPSHOT_ENTRY_MIN_BYTES;
-            metadata.extend(first..first + bytes.div_ceil(cs).max(1));
+            for c in first..first + bytes.div_ceil(cs).max(1) {
+                claim(c, "the snapshot table".into())?;
+            }
         }
         if self.header.version() == Version::V3 && self.header.autoclear_features() != 0 {
             let unit = usize::try_from(meta_unit(cs)).unwrap_or(512);

@@ -131,15 +131,22 @@ impl Refcounts {
         self.cluster.cluster_size()
     }
 
-    /// Host clusters holding refcount metadata: the table and every block.
-    pub(crate) fn metadata_clusters(&self) -> Vec<u64> {
-        let first = self.table_offset.0 / self.cluster_size();
-        let mut out: Vec<u64> = (first..first + u64::from(self.table_clusters)).collect();
+    /// The refcount table's first cluster and its length in clusters.
+    pub(crate) fn table_clusters(&self) -> (u64, u64) {
+        (
+            self.table_offset.0 / self.cluster_size(),
+            u64::from(self.table_clusters),
+        )
+    }
+
+    /// Every allocated refcount block: (table index, host cluster).
+    pub(crate) fn block_clusters(&self) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
         for (i, &raw) in self.table.iter().enumerate() {
             if let Ok(RefcountTableEntry::Block { offset }) =
                 decode_refcount_table_entry(raw, i as u64, &self.cluster)
             {
-                out.push(offset.0 / self.cluster_size());
+                out.push((i as u64, offset.0 / self.cluster_size()));
             }
         }
         out
