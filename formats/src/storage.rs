@@ -25,6 +25,34 @@ pub enum BatchOp<'a> {
     },
     /// Make `len` bytes at `offset` read as zeroes, growing the file if needed.
     ZeroRange { file: FileId, offset: u64, len: u64 },
+    /// `parts`, one after the other, from `offset` (one vectored write).
+    WriteParts {
+        file: FileId,
+        offset: u64,
+        parts: &'a [&'a [u8]],
+    },
+}
+
+impl BatchOp<'_> {
+    /// Runs the operation with blocking calls on `storage`.
+    fn run_blocking(&self, storage: &(impl Storage + ?Sized)) -> io::Result<()> {
+        match *self {
+            BatchOp::Write { file, offset, data } => storage.write_at(file, offset, data),
+            BatchOp::ZeroRange { file, offset, len } => storage.zero_range(file, offset, len),
+            BatchOp::WriteParts {
+                file,
+                offset,
+                parts,
+            } => {
+                let mut at = offset;
+                for part in parts {
+                    storage.write_at(file, at, part)?;
+                    at += part.len() as u64;
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Most operations a batch has in flight at once.
@@ -60,12 +88,7 @@ pub trait Storage {
     /// Runs independent operations, in parallel where the implementation can; one result per
     /// operation, in order. Every operation has completed (or failed) when this returns.
     fn run_batch(&self, ops: &[BatchOp<'_>]) -> Vec<io::Result<()>> {
-        ops.iter()
-            .map(|op| match *op {
-                BatchOp::Write { file, offset, data } => self.write_at(file, offset, data),
-                BatchOp::ZeroRange { file, offset, len } => self.zero_range(file, offset, len),
-            })
-            .collect()
+        ops.iter().map(|op| op.run_blocking(self)).collect()
     }
 }
 
@@ -208,10 +231,7 @@ impl Storage for FileStorage<'_> {
 
 impl FileStorage<'_> {
     fn run_one(&self, op: &BatchOp<'_>) -> io::Result<()> {
-        match *op {
-            BatchOp::Write { file, offset, data } => self.write_at(file, offset, data),
-            BatchOp::ZeroRange { file, offset, len } => self.zero_range(file, offset, len),
-        }
+        op.run_blocking(self)
     }
 
     /// Writes zeroes, in chunks of at most 1 MiB (aligned, so O_DIRECT fds work).
@@ -234,21 +254,24 @@ impl FileStorage<'_> {
         let mut results: Vec<Option<io::Result<()>>> = (0..ops.len()).map(|_| None).collect();
         // O_DIRECT needs aligned memory: such writes go through a copy.
         let mut bounces: Vec<Option<AlignedBuf>> = (0..ops.len()).map(|_| None).collect();
+        // The iovec arrays of vectored writes, alive until their completions.
+        let mut iovecs: Vec<Vec<libc::iovec>> = (0..ops.len()).map(|_| Vec::new()).collect();
         let mut next = 0usize;
         let mut in_flight = 0usize;
         while next < ops.len() || in_flight > 0 {
             while next < ops.len() && in_flight < BATCH_DEPTH as usize {
                 let i = next;
                 next += 1;
-                let entry = match self.entry_for(&ops[i], &mut bounces[i]) {
+                let entry = match self.entry_for(&ops[i], &mut bounces[i], &mut iovecs[i]) {
                     Ok(entry) => entry.user_data(i as u64),
                     Err(e) => {
                         results[i] = Some(Err(e));
                         continue;
                     }
                 };
-                // SAFETY: the entry points into `ops[i]`'s data (borrowed for this call) or
-                // `bounces[i]`, both alive until every completion is reaped below.
+                // SAFETY: the entry points into `ops[i]`'s data (borrowed for this call),
+                // `bounces[i]` or `iovecs[i]`, all alive until every completion is reaped
+                // below (neither vector is resized meanwhile).
                 if unsafe { ring.submission().push(&entry) }.is_err() {
                     next -= 1;
                     break;
@@ -303,8 +326,45 @@ impl FileStorage<'_> {
         &self,
         op: &BatchOp<'_>,
         bounce: &mut Option<AlignedBuf>,
+        iovecs: &mut Vec<libc::iovec>,
     ) -> io::Result<io_uring::squeue::Entry> {
         match *op {
+            BatchOp::WriteParts {
+                file,
+                offset,
+                parts,
+            } => {
+                let (fd, direct) = self.fd(file)?;
+                let total: usize = parts.iter().map(|p| p.len()).sum();
+                if direct && !parts.iter().all(|p| is_aligned(p.as_ptr(), p.len())) {
+                    let mut b = AlignedBuf::new(total)
+                        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+                    let mut at = 0;
+                    for part in parts {
+                        b.as_mut_slice()[at..at + part.len()].copy_from_slice(part);
+                        at += part.len();
+                    }
+                    let ptr = b.as_mut_ptr().cast_const();
+                    *bounce = Some(b);
+                    let len = u32::try_from(total)
+                        .map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+                    return Ok(opcode::Write::new(types::Fd(fd), ptr, len)
+                        .offset(offset)
+                        .build());
+                }
+                *iovecs = parts
+                    .iter()
+                    .map(|p| libc::iovec {
+                        iov_base: p.as_ptr().cast_mut().cast(),
+                        iov_len: p.len(),
+                    })
+                    .collect();
+                let count = u32::try_from(iovecs.len())
+                    .map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+                Ok(opcode::Writev::new(types::Fd(fd), iovecs.as_ptr(), count)
+                    .offset(offset)
+                    .build())
+            }
             BatchOp::Write { file, offset, data } => {
                 let (fd, direct) = self.fd(file)?;
                 let len = u32::try_from(data.len())
@@ -336,6 +396,27 @@ impl FileStorage<'_> {
     /// The result of one batch operation from its completion.
     fn finish(&self, op: &BatchOp<'_>, res: i32) -> io::Result<()> {
         match *op {
+            BatchOp::WriteParts {
+                file,
+                offset,
+                parts,
+            } => {
+                if res < 0 {
+                    return Err(io::Error::from_raw_os_error(-res));
+                }
+                // A short write: the rest, part by part.
+                let mut skip = usize::try_from(res).unwrap_or(0);
+                let mut at = offset;
+                for part in parts {
+                    let done = skip.min(part.len());
+                    skip -= done;
+                    if done < part.len() {
+                        self.write_at(file, at + done as u64, &part[done..])?;
+                    }
+                    at += part.len() as u64;
+                }
+                Ok(())
+            }
             BatchOp::Write { file, offset, data } => {
                 if res < 0 {
                     return Err(io::Error::from_raw_os_error(-res));

@@ -475,11 +475,16 @@ impl Qcow2Layer {
         // Whole clusters of one write that landed in consecutive host clusters go out as one
         // write (the allocator hands out clusters in order), as a guest's large sequential
         // write would on a raw disk.
-        // (job, host offset, data from, data to) of whole clusters, or an allocation alone.
+        // Whole clusters in consecutive host clusters (the allocator hands them out in order)
+        // go out as one vectored write, within a write and across writes: a sequential guest
+        // stream becomes one large write, as on a raw disk, instead of one per cluster (each
+        // of which a file system may serialize on the inode when it allocates).
         enum DataWrite {
-            Run(usize, u64, usize, usize),
+            /// Host offset and (job, from, to) ranges of the jobs' data, in order.
+            Run(u64, Vec<(usize, usize, usize)>),
             One(usize),
         }
+        const MAX_RUN_BYTES: usize = 8 << 20;
         let mut plan: Vec<DataWrite> = Vec::new();
         for (i, a) in allocs
             .iter()
@@ -491,30 +496,50 @@ impl Qcow2Layer {
                     let from = a.data_offset;
                     let to = from + bytes.len();
                     let host = a.target * cs;
-                    match plan.last_mut() {
-                        Some(DataWrite::Run(job, start, f, t))
-                            if *job == a.job && *t == from && *start + (*t - *f) as u64 == host =>
-                        {
-                            *t = to;
+                    if let Some(DataWrite::Run(start, parts)) = plan.last_mut() {
+                        let len: usize = parts.iter().map(|&(_, f, t)| t - f).sum();
+                        if *start + len as u64 == host && len + bytes.len() <= MAX_RUN_BYTES {
+                            match parts.last_mut() {
+                                Some((job, _, t)) if *job == a.job && *t == from => *t = to,
+                                _ => parts.push((a.job, from, to)),
+                            }
+                            continue;
                         }
-                        _ => plan.push(DataWrite::Run(a.job, host, from, to)),
                     }
+                    plan.push(DataWrite::Run(host, vec![(a.job, from, to)]));
                 }
                 _ => plan.push(DataWrite::One(i)),
             }
         }
-        for p in &plan {
-            match *p {
-                DataWrite::Run(job, host, from, to) => {
-                    ops.push(BatchOp::Write {
-                        file: FileId(0),
-                        offset: host,
-                        data: &writes[job].1[from..to],
+        let run_parts: Vec<Vec<&[u8]>> = plan
+            .iter()
+            .map(|p| match p {
+                DataWrite::Run(_, parts) => parts
+                    .iter()
+                    .map(|&(job, from, to)| &writes[job].1[from..to])
+                    .collect(),
+                DataWrite::One(_) => Vec::new(),
+            })
+            .collect();
+        for (p, bufs) in plan.iter().zip(&run_parts) {
+            match p {
+                DataWrite::Run(host, parts) => {
+                    ops.push(match bufs.as_slice() {
+                        [one] => BatchOp::Write {
+                            file: FileId(0),
+                            offset: *host,
+                            data: one,
+                        },
+                        many => BatchOp::WriteParts {
+                            file: FileId(0),
+                            offset: *host,
+                            parts: many,
+                        },
                     });
-                    owners.push(vec![job]);
+                    owners.push(parts.iter().map(|&(job, _, _)| job).collect());
                 }
                 DataWrite::One(i) => {
-                    let a = &allocs[i];
+                    let a = &allocs[*i];
                     let (at, bytes) = match &a.data {
                         AllocData::Whole(buf) => (0, buf.as_slice()),
                         AllocData::Chunk { at, bytes } => (*at, *bytes),
