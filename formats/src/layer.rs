@@ -180,7 +180,7 @@ pub enum Update<'a> {
         offset: u64,
         len: u64,
     },
-    /// Make every completed write durable: metadata kept in memory first, then fdatasync.
+    /// Make every completed write durable (fdatasync), then release what waited for it.
     Flush,
 }
 
@@ -253,18 +253,6 @@ pub trait Layer: Send + Sync + Debug {
         updates: &[Update<'_>],
     ) -> Vec<Result<(), UpdateError>> {
         updates.iter().map(|u| self.update(io, *u)).collect()
-    }
-
-    /// Whether metadata is newer in memory than in the files (see [`Layer::write_back`]).
-    fn metadata_dirty(&self) -> bool {
-        false
-    }
-
-    /// Writes metadata kept in memory to the files, without fdatasync (when the metadata
-    /// thread is idle, so a crash loses less).
-    fn write_back(&self, io: &dyn Storage) -> Result<(), UpdateError> {
-        let _ = io;
-        Ok(())
     }
 
     /// Makes everything the layer wrote durable and returns what it reserved but did not use

@@ -6,21 +6,19 @@
 //! ring. Everything queued when the thread looks is one batch (`Layer::update_batch`), whose
 //! I/O the layer issues in parallel. One thread makes every allocation decision, which is what
 //! makes allocating writes to the same guest cluster safe without a lock table; writes to
-//! allocated clusters do not come here. Idle with metadata kept in memory, it writes it back.
-//! On shutdown the thread drains its queue and closes the layer (write-back, returning
-//! reserved clusters, fdatasync).
+//! allocated clusters do not come here. On shutdown the thread drains its queue and closes the
+//! layer (returning reserved clusters, fdatasync).
 
-use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
+use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use vublk_formats::{FileStorage, Layer, Update};
 
 /// A request for the metadata thread.
 #[derive(Debug)]
 pub enum UpdateJob {
-    /// FLUSH: the layer writes back what it keeps in memory, then fdatasyncs.
+    /// FLUSH: fdatasync, then the layer releases what waited for it.
     Flush,
     Write {
         offset: u64,
@@ -56,26 +54,7 @@ impl Updater {
                 let storage = FileStorage::new(layer.files());
                 // Everything queued runs as one batch: allocations of different requests
                 // write their data and metadata in parallel.
-                loop {
-                    // With metadata kept in memory, an idle moment writes it back (so a crash
-                    // loses less); otherwise the thread sleeps until the next job.
-                    let first = if layer.metadata_dirty() {
-                        match rx.recv_timeout(WRITE_BACK_IDLE) {
-                            Ok(job) => job,
-                            Err(RecvTimeoutError::Timeout) => {
-                                if let Err(e) = layer.write_back(&storage) {
-                                    log::warn!("{}", error_chain(&e));
-                                }
-                                continue;
-                            }
-                            Err(RecvTimeoutError::Disconnected) => break,
-                        }
-                    } else {
-                        match rx.recv() {
-                            Ok(job) => job,
-                            Err(_) => break,
-                        }
-                    };
+                while let Ok(first) = rx.recv() {
                     let mut batch = vec![first];
                     while batch.len() < MAX_BATCH_JOBS {
                         match rx.try_recv() {
@@ -119,9 +98,6 @@ impl Drop for Updater {
         self.shutdown();
     }
 }
-
-/// How long the thread waits for a job before writing back metadata kept in memory.
-const WRITE_BACK_IDLE: Duration = Duration::from_millis(200);
 
 /// Most jobs one batch takes from the queue (64 queue-depth's worth of 4 KiB writes).
 const MAX_BATCH_JOBS: usize = 64;

@@ -42,8 +42,6 @@ struct Inner {
     clock: u64,
     /// Tables updated and then evicted, with the stamp of their last update.
     evicted_updates: HashMap<u64, u64>,
-    /// Tables that must stay cached (see [`L2Cache::pin`]).
-    pinned: std::collections::HashSet<u64>,
 }
 
 impl std::fmt::Debug for L2Cache {
@@ -73,7 +71,6 @@ impl L2Cache {
                 tables: HashMap::new(),
                 clock: 0,
                 evicted_updates: HashMap::new(),
-                pinned: std::collections::HashSet::new(),
             }),
             capacity: capacity.max(1),
         }
@@ -144,24 +141,14 @@ impl L2Cache {
             }
             e.updated = now;
         } else {
-            // Evicted since the writer looked it up: its copy becomes the cached one again, so
-            // a table with entries newer than the file (write-back) is always cached.
+            // Evicted since the writer looked it up: its copy (current) becomes the cached one
+            // again.
             inner.evicted_updates.insert(offset, now);
             self.insert_locked(&mut inner, offset, Arc::clone(held));
             if let Some(e) = inner.tables.get_mut(&offset) {
                 e.updated = now;
             }
         }
-    }
-
-    /// Keeps the table at `offset` cached until [`L2Cache::unpin`]: it holds entries newer
-    /// than the file, and a load from the file would bring back old ones.
-    pub fn pin(&self, offset: u64) {
-        self.lock().pinned.insert(offset);
-    }
-
-    pub fn unpin(&self, offset: u64) {
-        self.lock().pinned.remove(&offset);
     }
 
     /// Drops a table (freed, or replaced by a copy elsewhere).
@@ -177,12 +164,9 @@ impl L2Cache {
         inner.clock += 1;
         let now = inner.clock;
         if inner.tables.len() >= self.capacity {
-            // Pinned tables stay; with every table pinned the cache grows past its capacity
-            // for a while (the writer unpins them when it writes them back).
             if let Some(victim) = inner
                 .tables
                 .iter()
-                .filter(|(k, _)| !inner.pinned.contains(k))
                 .min_by_key(|(_, e)| e.last_used)
                 .map(|(k, _)| *k)
             {
@@ -291,21 +275,5 @@ mod tests {
         cache.update_entry(1, 0, 6, &held);
         assert_eq!(loaded[0].load(Ordering::Relaxed), 6);
         assert_eq!(held[0].load(Ordering::Relaxed), 6);
-    }
-
-    #[test]
-    fn pinned_tables_are_never_evicted() {
-        let cache = L2Cache::new(1);
-        cache.insert(1, &table(5));
-        cache.pin(1);
-        cache.insert(2, &table(6));
-        assert!(cache.get(1).is_some(), "pinned table stays");
-        assert!(
-            cache.get(2).is_some(),
-            "the cache grew past its capacity instead"
-        );
-        cache.unpin(1);
-        cache.insert(3, &table(7));
-        assert_eq!(cache.len(), 2);
     }
 }

@@ -39,10 +39,6 @@ pub(super) struct WriterState {
     pub(super) refcounts: Refcounts,
     /// Host clusters at or past this index were past the end of the file at open.
     pub(super) fresh_from: u64,
-    /// L2 tables with entries newer in memory than in the file (write-back), by table offset:
-    /// the table (pinned in the cache) and the units to write.
-    pub(super) dirty_l2:
-        std::collections::BTreeMap<u64, (crate::qcow2::L2Table, std::collections::BTreeSet<usize>)>,
 }
 
 /// One qcow2 image over its file, with the layer below it (if any).
@@ -258,7 +254,6 @@ impl Qcow2Layer {
         self.writer = Some(Mutex::new(WriterState {
             refcounts,
             fresh_from: file_size.div_ceil(cs),
-            dirty_l2: std::collections::BTreeMap::new(),
         }));
         Ok(())
     }
@@ -559,19 +554,6 @@ impl Layer for Qcow2Layer {
 
     fn close(&self, io: &dyn Storage) -> Result<(), UpdateError> {
         self.close_writer(io)
-    }
-
-    fn metadata_dirty(&self) -> bool {
-        self.writer.as_ref().is_some_and(|w| {
-            !w.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .dirty_l2
-                .is_empty()
-        })
-    }
-
-    fn write_back(&self, io: &dyn Storage) -> Result<(), UpdateError> {
-        self.write_back_dirty(io)
     }
 
     fn load_table(&self, load: TableLoad, bytes: &[u8]) -> Result<(), MapError> {

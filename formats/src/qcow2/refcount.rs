@@ -246,7 +246,7 @@ impl Refcounts {
     }
 
     /// Releases what waited for a sync (freed clusters are punched out). The caller has
-    /// written back every table that stopped referencing them and fdatasynced.
+    /// written every table that stopped referencing them and fdatasynced.
     pub(crate) fn release_pending(&mut self, io: &dyn Storage) -> Result<(), UpdateError> {
         let pending = std::mem::take(&mut self.pending_release);
         for cluster in pending {
@@ -324,6 +324,16 @@ impl Refcounts {
             self.cursor += 1;
         }
         self.write_dirty(io, dirty)?;
+        // The file covers every reserved cluster: an L2 entry may reach the file before the
+        // data that would have extended it, and QEMU counts a reference past the end of the
+        // file as corruption. The new part is a hole (reads as zero); after a crash, what was
+        // reserved and unused shows as leaked clusters inside the file, which `qemu-img check
+        // -r leaks` reclaims.
+        if let Some(&last) = got.last() {
+            let end = (last + 1) * self.cluster_size();
+            io.grow_to(FileId(0), end)
+                .map_err(self.io_err(format!("growing the file to {end} bytes")))?;
+        }
         // Not synced here: the tables that will point at these clusters call
         // `make_durable` before any write that makes them reachable.
         self.unsynced = true;

@@ -4,10 +4,11 @@
 //! allocation decision (and so every allocating write to the same guest cluster); writes to
 //! allocated clusters never come here and run in parallel on the queues. A batch of writes runs
 //! in rounds of distinct guest clusters; each round's writes of one kind go out together, in
-//! the order `formats/QCOW2-WRITES.md` gives: zero ranges, data, new or copied L2 tables, L1
-//! entries; entries in existing tables change in memory and are written back at FLUSH (or when
-//! idle); the release of what is no longer referenced waits for a sync after that. An
-//! in-memory entry points only at data already written.
+//! the order `formats/QCOW2-WRITES.md` gives: zero ranges, data (with the L2 units that may go
+//! with it), L2 units and new or copied L2 tables, L1 entries; the release of what is no
+//! longer referenced waits for a sync after that. An in-memory entry changes only after its
+//! write completed, and points only at data already written (or at a never-written cluster
+//! that reads as zero, as the guest cluster did).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,13 +18,6 @@ use crate::qcow2::cache::L2Table;
 use crate::qcow2::layer::WriterState;
 use crate::qcow2::refcount::meta_unit;
 
-/// L2 tables with entries newer in memory than in the file before a batch writes them back
-/// without waiting for FLUSH (each stays pinned in the cache until then).
-const MAX_DIRTY_L2_TABLES: usize = 256;
-
-/// Units (4 KiB, or a cluster if smaller) of L2 entries kept in memory before a batch writes
-/// them back: one parallel write of at most 4 MiB.
-const MAX_DIRTY_L2_UNITS: usize = 1024;
 use crate::qcow2::{
     decode_l1_entry, decode_l2_entry, encode_l1_entry, encode_l2_entry, GuestOffset, HostOffset,
     L1Entry, L2Entry, Qcow2Layer, Version,
@@ -58,6 +52,10 @@ struct Alloc<'d> {
     target: u64,
     /// Zero the whole cluster before the data write (the rest of it reads as zero).
     zero_first: bool,
+    /// The cluster read as zero before and the new host cluster was never written: its L2
+    /// entry may be written together with the data (if the entry lands first, the cluster
+    /// still reads as zero, which it did before).
+    early: bool,
     data: AllocData<'d>,
     /// Where the chunk starts in its write's data.
     data_offset: usize,
@@ -77,6 +75,10 @@ enum AllocData<'d> {
 struct UnitWrite {
     unit: usize,
     table: HostOffset,
+    /// Written together with the data (every new entry in it is early).
+    early: bool,
+    /// The unit's bytes, with `entries` applied.
+    bytes: Vec<u8>,
     held: L2Table,
     entries: Vec<(usize, u64)>,
     /// Indexes into the round's allocations.
@@ -180,84 +182,12 @@ impl Qcow2Layer {
                 .unwrap_or_else(|e| e.into_inner())
                 .extend(new_metadata);
         }
-        let dirty_units: usize = w.dirty_l2.values().map(|(_, units)| units.len()).sum();
-        if w.dirty_l2.len() > MAX_DIRTY_L2_TABLES || dirty_units > MAX_DIRTY_L2_UNITS {
-            if let Err(e) = self.write_dirty(io, &mut w) {
-                log::warn!("{e}");
-            }
-        }
         results
     }
 
-    /// Writes back every L2 unit newer in memory than in the file (no fdatasync).
-    pub(super) fn write_back_dirty(&self, io: &dyn Storage) -> Result<(), UpdateError> {
-        let mut w = self.lock_writer()?;
-        self.write_dirty(io, &mut w)
-    }
-
-    fn write_dirty(&self, io: &dyn Storage, w: &mut WriterState) -> Result<(), UpdateError> {
-        if w.dirty_l2.is_empty() || self.corrupt.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        // The entries point at clusters from reserved batches: their refcounts first.
-        w.refcounts.make_durable(io)?;
-        let per_unit = usize::try_from(meta_unit(self.geometry().cluster_size()) / 8).unwrap_or(1);
-        let mut writes: Vec<(u64, u64, Vec<u8>)> = Vec::new();
-        for (&table, (held, units)) in &w.dirty_l2 {
-            // The cached copy (pinned, so the one every update reached); the first copy the
-            // writer held may have been replaced by a reload before the table became dirty.
-            let current = self.l2.get(table).unwrap_or_else(|| Arc::clone(held));
-            for &unit in units {
-                let first = unit * per_unit;
-                writes.push((
-                    table,
-                    table + first as u64 * 8,
-                    table_bytes_with(&current, first..first + per_unit, &[]),
-                ));
-            }
-        }
-        let ops: Vec<BatchOp<'_>> = writes
-            .iter()
-            .map(|(_, offset, bytes)| BatchOp::Write {
-                file: FileId(0),
-                offset: *offset,
-                data: bytes,
-            })
-            .collect();
-        let results = io.run_batch(&ops);
-        let mut failed = None;
-        let mut failed_tables = HashSet::new();
-        for ((table, offset, _), r) in writes.iter().zip(results) {
-            if let Err(e) = r {
-                failed_tables.insert(*table);
-                failed.get_or_insert((*offset, e));
-            }
-        }
-        // Tables written in full leave the dirty set and may be evicted again.
-        let done: Vec<u64> = w
-            .dirty_l2
-            .keys()
-            .copied()
-            .filter(|t| !failed_tables.contains(t))
-            .collect();
-        for table in done {
-            w.dirty_l2.remove(&table);
-            self.l2.unpin(table);
-        }
-        match failed {
-            None => Ok(()),
-            Some((offset, source)) => Err(UpdateError::Io {
-                fd: self.fd(),
-                what: format!("writing back the L2 table entries at {offset}"),
-                source,
-            }),
-        }
-    }
-
-    /// FLUSH: writes back the L2 entries kept in memory, fdatasyncs, then releases the
-    /// clusters whose last reference those writes dropped.
+    /// FLUSH: fdatasyncs (every completed request's data and metadata is already on the
+    /// file), then releases the clusters whose last reference the synced writes dropped.
     fn sync_metadata(&self, io: &dyn Storage, w: &mut WriterState) -> Result<(), UpdateError> {
-        self.write_dirty(io, w)?;
         io.sync(FileId(0))
             .map_err(self.io_err("fdatasync".into()))?;
         w.refcounts.synced();
@@ -461,7 +391,66 @@ impl Qcow2Layer {
         }
         self.run_and_fail(io, &ops, &owners, results, "zeroing a new cluster");
 
-        // Data, in place and into the new clusters.
+        // L2 entries in tables that are ours, grouped by aligned unit. A unit whose every new
+        // entry is early is written together with the data; the others after it.
+        let unit = meta_unit(cs);
+        let per_unit = usize::try_from(unit / 8).unwrap_or(1);
+        let mut unit_writes: Vec<UnitWrite> = Vec::new();
+        {
+            let mut by_unit: BTreeMap<(u64, usize), Vec<usize>> = BTreeMap::new();
+            for (i, a) in allocs.iter().enumerate() {
+                if let (Some((offset, true, _)), true) = (&a.table, ok(results, a.job)) {
+                    let l2 = usize::try_from(a.l2_index).unwrap_or(usize::MAX);
+                    by_unit
+                        .entry((offset.0, l2 / per_unit))
+                        .or_default()
+                        .push(i);
+                }
+            }
+            for ((table, unit_no), members) in by_unit {
+                let Some((_, _, held)) = &allocs[members[0]].table else {
+                    continue;
+                };
+                unit_writes.push(UnitWrite {
+                    unit: unit_no,
+                    table: HostOffset(table),
+                    held: Arc::clone(held),
+                    entries: Vec::new(),
+                    early: members.iter().all(|&i| allocs[i].early),
+                    allocs: members,
+                    bytes: Vec::new(),
+                });
+            }
+        }
+        let any_early = unit_writes.iter().any(|u| u.early);
+        if any_early {
+            // The early entries point at clusters from a reserved batch: refcounts first.
+            if let Err(e) = w.refcounts.make_durable(io) {
+                let detail = e.to_string();
+                for u in unit_writes.iter().filter(|u| u.early) {
+                    for &i in &u.allocs {
+                        self.fail(results, allocs[i].job, &detail);
+                    }
+                }
+            }
+        }
+        for u in unit_writes.iter_mut().filter(|u| u.early) {
+            u.entries = u
+                .allocs
+                .iter()
+                .filter(|&&i| ok(results, allocs[i].job))
+                .map(|&i| {
+                    (
+                        usize::try_from(allocs[i].l2_index).unwrap_or(usize::MAX),
+                        allocs[i].new_raw,
+                    )
+                })
+                .collect();
+            let first = u.unit * per_unit;
+            u.bytes = table_bytes_with(&u.held, first..first + per_unit, &u.entries);
+        }
+
+        // Data, in place and into the new clusters (and the early L2 units).
         let mut ops = Vec::new();
         let mut owners = Vec::new();
         for &(job, host, bytes) in in_place.iter().filter(|(job, ..)| ok(results, *job)) {
@@ -553,19 +542,78 @@ impl Qcow2Layer {
                 }
             }
         }
-        self.run_and_fail(io, &ops, &owners, results, "writing guest data");
-
-        // L2: entries in tables that are ours, grouped by unit; new or copied tables whole.
-        let linked: Vec<usize> = (0..allocs.len())
-            .filter(|&i| ok(results, allocs[i].job))
+        let data_ops = ops.len();
+        let early_units: Vec<usize> = (0..unit_writes.len())
+            .filter(|&k| unit_writes[k].early && !unit_writes[k].entries.is_empty())
             .collect();
-        let mut by_l1: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
-        for &i in &linked {
-            by_l1.entry(allocs[i].l1_index).or_default().push(i);
+        for &k in &early_units {
+            let u = &unit_writes[k];
+            ops.push(BatchOp::Write {
+                file: FileId(0),
+                offset: u.table.0 + (u.unit * per_unit) as u64 * 8,
+                data: &u.bytes,
+            });
         }
-        let unit = meta_unit(cs);
-        let per_unit = usize::try_from(unit / 8).unwrap_or(1);
-        let mut unit_writes: Vec<UnitWrite> = Vec::new();
+        let batch_results = if round.len() == 1 {
+            io.run_batch_one_request(&ops)
+        } else {
+            io.run_batch(&ops)
+        };
+        let (data_results, early_results) =
+            batch_results.split_at(data_ops.min(batch_results.len()));
+        for (r, jobs) in data_results.iter().zip(&owners) {
+            if let Err(e) = r {
+                let detail = format!("writing guest data: {e}");
+                for &job in jobs {
+                    self.fail(results, job, &detail);
+                }
+            }
+        }
+        // An early unit's entries are on the file even if a data write failed (such a cluster
+        // reads as zero, as before): memory follows the file either way.
+        let mut unit_ok: Vec<Option<bool>> = vec![None; unit_writes.len()];
+        for (&k, r) in early_units.iter().zip(early_results) {
+            unit_ok[k] = Some(r.is_ok());
+            if let Err(e) = r {
+                let detail = format!("writing the L2 table at {}: {e}", unit_writes[k].table.0);
+                for &i in &unit_writes[k].allocs {
+                    self.fail(results, allocs[i].job, &detail);
+                }
+            }
+        }
+
+        // The other units, with the entries of the writes whose data is on the file.
+        let mut late_units: Vec<usize> = Vec::new();
+        for (k, u) in unit_writes.iter_mut().enumerate() {
+            if u.early {
+                continue;
+            }
+            u.entries = u
+                .allocs
+                .iter()
+                .filter(|&&i| ok(results, allocs[i].job))
+                .map(|&i| {
+                    (
+                        usize::try_from(allocs[i].l2_index).unwrap_or(usize::MAX),
+                        allocs[i].new_raw,
+                    )
+                })
+                .collect();
+            if u.entries.is_empty() {
+                continue;
+            }
+            let first = u.unit * per_unit;
+            u.bytes = table_bytes_with(&u.held, first..first + per_unit, &u.entries);
+            late_units.push(k);
+        }
+
+        // New or copied L2 tables, whole, for L1 entries without a table of ours.
+        let mut by_l1: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+        for (i, a) in allocs.iter().enumerate() {
+            if ok(results, a.job) && !matches!(a.table, Some((_, true, _))) {
+                by_l1.entry(a.l1_index).or_default().push(i);
+            }
+        }
         let mut new_tables: Vec<NewTable> = Vec::new();
         for (l1_index, members) in &by_l1 {
             let table = allocs[members[0]].table.clone();
@@ -578,86 +626,106 @@ impl Qcow2Layer {
                     )
                 })
                 .collect();
-            match table {
-                Some((offset, true, t)) => {
-                    let mut by_unit: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-                    for (k, &(l2, _)) in entries.iter().enumerate() {
-                        by_unit.entry(l2 / per_unit).or_default().push(k);
+            // Not ours: none yet, or shared with a snapshot (copied).
+            let shared_or_none = table;
+            let n = usize::try_from(g.l2_entries()).unwrap_or(0);
+            let bytes = match &shared_or_none {
+                Some((_, _, t)) => table_bytes_with(t, 0..n, &entries),
+                None => {
+                    let mut b = vec![0u8; n * 8];
+                    for &(l2, raw) in &entries {
+                        if let Some(e) = b.get_mut(l2 * 8..l2 * 8 + 8) {
+                            e.copy_from_slice(&raw.to_be_bytes());
+                        }
                     }
-                    for (unit_no, ks) in by_unit {
-                        let overrides: Vec<(usize, u64)> = ks.iter().map(|&k| entries[k]).collect();
-                        unit_writes.push(UnitWrite {
-                            unit: unit_no,
-                            table: offset,
-                            held: Arc::clone(&t),
-                            entries: overrides,
-                            allocs: ks.iter().map(|&k| members[k]).collect(),
-                        });
-                    }
+                    b
                 }
-                shared_or_none => {
-                    let n = usize::try_from(g.l2_entries()).unwrap_or(0);
-                    let bytes = match &shared_or_none {
-                        Some((_, _, t)) => table_bytes_with(t, 0..n, &entries),
-                        None => {
-                            let mut b = vec![0u8; n * 8];
-                            for &(l2, raw) in &entries {
-                                if let Some(e) = b.get_mut(l2 * 8..l2 * 8 + 8) {
-                                    e.copy_from_slice(&raw.to_be_bytes());
-                                }
-                            }
-                            b
-                        }
-                    };
-                    let placed = w
-                        .refcounts
-                        .allocate(io)
-                        .and_then(|c| self.check_overlap(c).map(|()| c));
-                    match placed {
-                        Ok(cluster) => new_tables.push(NewTable {
-                            l1_index: *l1_index,
-                            cluster,
-                            bytes,
-                            old: shared_or_none.map(|(o, _, _)| o),
-                            allocs: members.clone(),
-                            written: false,
-                        }),
-                        Err(e) => {
-                            let detail = e.to_string();
-                            for &i in members {
-                                self.fail(results, allocs[i].job, &detail);
-                            }
-                        }
+            };
+            let placed = w
+                .refcounts
+                .allocate(io)
+                .and_then(|c| self.check_overlap(c).map(|()| c));
+            match placed {
+                Ok(cluster) => new_tables.push(NewTable {
+                    l1_index: *l1_index,
+                    cluster,
+                    bytes,
+                    old: shared_or_none.map(|(o, _, _)| o),
+                    allocs: members.clone(),
+                    written: false,
+                }),
+                Err(e) => {
+                    let detail = e.to_string();
+                    for &i in members {
+                        self.fail(results, allocs[i].job, &detail);
                     }
                 }
             }
         }
-        // Entries in tables that are ours are kept in memory (write-back, like QEMU's L2
-        // cache): the data they point at is written, so any later write of the unit is safe.
-        // FLUSH, the idle metadata thread, a full dirty set and shutdown write them.
-        for u in &unit_writes {
-            for &(l2, raw) in &u.entries {
-                self.l2.update_entry(u.table.0, l2, raw, &u.held);
-            }
-            self.l2.pin(u.table.0);
-            let (_, units) = w
-                .dirty_l2
-                .entry(u.table.0)
-                .or_insert_with(|| (Arc::clone(&u.held), std::collections::BTreeSet::new()));
-            units.insert(u.unit);
-            for &i in &u.allocs {
-                self.release_entry(w, allocs[i].old, Some(allocs[i].target));
+        // Late units and new tables, after the data: their entries point at written clusters
+        // whose refcounts must be durable first.
+        if !late_units.is_empty() || !new_tables.is_empty() {
+            if let Err(e) = w.refcounts.make_durable(io) {
+                let detail = e.to_string();
+                for &k in &late_units {
+                    for &i in &unit_writes[k].allocs {
+                        self.fail(results, allocs[i].job, &detail);
+                    }
+                }
+                for t in &new_tables {
+                    for &i in &t.allocs {
+                        self.fail(results, allocs[i].job, &detail);
+                    }
+                }
+                late_units.clear();
+                new_tables.clear();
             }
         }
-        let ops: Vec<BatchOp<'_>> = new_tables
-            .iter()
-            .map(|t| BatchOp::Write {
+        let mut ops: Vec<BatchOp<'_>> = Vec::new();
+        for &k in &late_units {
+            let u = &unit_writes[k];
+            ops.push(BatchOp::Write {
+                file: FileId(0),
+                offset: u.table.0 + (u.unit * per_unit) as u64 * 8,
+                data: &u.bytes,
+            });
+        }
+        for t in &new_tables {
+            ops.push(BatchOp::Write {
                 file: FileId(0),
                 offset: t.cluster * cs,
                 data: &t.bytes,
-            })
-            .collect();
-        let table_results = io.run_batch(&ops);
+            });
+        }
+        let l2_results = io.run_batch(&ops);
+        let (late_results, table_results) =
+            l2_results.split_at(late_units.len().min(l2_results.len()));
+        for (&k, r) in late_units.iter().zip(late_results) {
+            unit_ok[k] = Some(r.is_ok());
+            if let Err(e) = r {
+                let detail = format!("writing the L2 table at {}: {e}", unit_writes[k].table.0);
+                for &i in &unit_writes[k].allocs {
+                    self.fail(results, allocs[i].job, &detail);
+                }
+            }
+        }
+        // Memory follows every unit that reached the file; what those entries replaced is
+        // released after the next sync.
+        for (u, written) in unit_writes.iter().zip(&unit_ok) {
+            if *written != Some(true) {
+                continue;
+            }
+            for &(l2, raw) in &u.entries {
+                self.l2.update_entry(u.table.0, l2, raw, &u.held);
+            }
+            for &i in &u.allocs {
+                let a = &allocs[i];
+                let l2 = usize::try_from(a.l2_index).unwrap_or(usize::MAX);
+                if u.entries.iter().any(|&(e, _)| e == l2) {
+                    self.release_entry(w, a.old, Some(a.target));
+                }
+            }
+        }
         for (t, r) in new_tables.iter_mut().zip(table_results) {
             match r {
                 Ok(()) => t.written = true,
@@ -902,6 +970,7 @@ impl Qcow2Layer {
             old: slot.entry,
             target,
             zero_first,
+            early: reads_zero && never_written,
             data,
             data_offset,
             new_raw,
