@@ -38,16 +38,38 @@ pub enum UpdateJob {
 /// Called on the metadata thread with the job's result (an error is already logged).
 pub type UpdateReply = Box<dyn FnOnce(bool) + Send>;
 
+/// A reply that is sent exactly once: with the result, or with failure when the job is dropped
+/// unanswered (the metadata thread panicked, or exited with jobs queued), so a queue worker
+/// draining its requests never waits for a reply that cannot come.
+struct Reply(Option<UpdateReply>);
+
+impl Reply {
+    fn send(mut self, ok: bool) {
+        if let Some(reply) = self.0.take() {
+            reply(ok);
+        }
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if let Some(reply) = self.0.take() {
+            log::error!("a metadata request was dropped unanswered; failing it");
+            reply(false);
+        }
+    }
+}
+
 /// The handle to a disk's metadata thread.
 #[derive(Debug)]
 pub struct Updater {
-    tx: Mutex<Option<Sender<(UpdateJob, UpdateReply)>>>,
+    tx: Mutex<Option<Sender<(UpdateJob, Reply)>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Updater {
     pub fn spawn(layer: Arc<dyn Layer>) -> std::io::Result<Updater> {
-        let (tx, rx) = channel::<(UpdateJob, UpdateReply)>();
+        let (tx, rx) = channel::<(UpdateJob, Reply)>();
         let thread = std::thread::Builder::new()
             .name("vublk-meta".into())
             .spawn(move || {
@@ -76,10 +98,15 @@ impl Updater {
 
     /// Queues `job`; false when the thread is gone (the caller fails the request).
     pub fn submit(&self, job: UpdateJob, reply: UpdateReply) -> bool {
-        match &*self.tx.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(tx) => tx.send((job, reply)).is_ok(),
-            None => false,
-        }
+        let queued = match &*self.tx.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(tx) => tx.send((job, Reply(Some(reply)))).map_err(|e| {
+                // Not queued: the caller fails the request itself, so this reply stays silent.
+                let (_, mut reply) = e.0;
+                reply.0.take();
+            }),
+            None => Err(()),
+        };
+        queued.is_ok()
     }
 
     /// Lets the thread finish its queue, close the layer and exit; waits for it.
@@ -93,6 +120,12 @@ impl Updater {
     }
 }
 
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reply")
+    }
+}
+
 impl Drop for Updater {
     fn drop(&mut self) {
         self.shutdown();
@@ -103,7 +136,7 @@ impl Drop for Updater {
 const MAX_BATCH_JOBS: usize = 64;
 
 /// Runs `batch` through the layer and replies to each job.
-fn run_batch(layer: &dyn Layer, storage: &FileStorage<'_>, batch: Vec<(UpdateJob, UpdateReply)>) {
+fn run_batch(layer: &dyn Layer, storage: &FileStorage<'_>, batch: Vec<(UpdateJob, Reply)>) {
     let mut updates = Vec::new();
     // Which updates belong to which job.
     let mut spans = Vec::with_capacity(batch.len());
@@ -144,7 +177,7 @@ fn run_batch(layer: &dyn Layer, storage: &FileStorage<'_>, batch: Vec<(UpdateJob
     }
     drop(updates);
     for ((_, reply), ok) in batch.into_iter().zip(ok) {
-        reply(ok);
+        reply.send(ok);
     }
 }
 
@@ -157,4 +190,31 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn counting(ok_count: &Arc<AtomicUsize>, fail_count: &Arc<AtomicUsize>) -> Reply {
+        let (ok_count, fail_count) = (Arc::clone(ok_count), Arc::clone(fail_count));
+        Reply(Some(Box::new(move |ok| {
+            if ok {
+                ok_count.fetch_add(1, Ordering::SeqCst);
+            } else {
+                fail_count.fetch_add(1, Ordering::SeqCst);
+            }
+        })))
+    }
+
+    #[test]
+    fn a_reply_is_sent_once_and_a_dropped_job_fails() {
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(AtomicUsize::new(0));
+        counting(&ok, &failed).send(true);
+        drop(counting(&ok, &failed));
+        assert_eq!(ok.load(Ordering::SeqCst), 1);
+        assert_eq!(failed.load(Ordering::SeqCst), 1, "the dropped one failed");
+    }
 }
