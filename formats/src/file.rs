@@ -100,26 +100,7 @@ impl ImageFile {
             .map_err(|_| err(std::io::Error::from_raw_os_error(libc::EOVERFLOW)))?;
         let mut buf = AlignedBuf::new(total)
             .ok_or_else(|| err(std::io::Error::from_raw_os_error(libc::ENOMEM)))?;
-        let mut done = 0usize;
-        while done < total {
-            let pos = libc::off_t::try_from(start + done as u64)
-                .map_err(|_| err(std::io::Error::from_raw_os_error(libc::EOVERFLOW)))?;
-            let rest = &mut buf.as_mut_slice()[done..];
-            // SAFETY: `rest` is a live, exclusively borrowed buffer of `rest.len()` bytes.
-            let n =
-                unsafe { libc::pread(self.raw_fd(), rest.as_mut_ptr().cast(), rest.len(), pos) };
-            match n {
-                n if n < 0 => {
-                    let e = std::io::Error::last_os_error();
-                    if e.kind() == std::io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    return Err(err(e));
-                }
-                0 => break, // end of file: the rest stays zero
-                n => done += n.unsigned_abs(),
-            }
-        }
+        crate::storage::pread_full(self.raw_fd(), start, buf.as_mut_slice()).map_err(err)?;
         let skip = usize::try_from(offset - start).unwrap_or(0);
         let want = usize::try_from(len).unwrap_or(0);
         Ok(buf.as_mut_slice()[skip..skip + want].to_vec())

@@ -35,7 +35,7 @@ pub enum BatchOp<'a> {
 
 impl BatchOp<'_> {
     /// Runs the operation with blocking calls on `storage`.
-    fn run_blocking(&self, storage: &(impl Storage + ?Sized)) -> io::Result<()> {
+    pub fn run_blocking(&self, storage: &(impl Storage + ?Sized)) -> io::Result<()> {
         match *self {
             BatchOp::Write { file, offset, data } => storage.write_at(file, offset, data),
             BatchOp::ZeroRange { file, offset, len } => storage.zero_range(file, offset, len),
@@ -499,7 +499,8 @@ impl FileStorage<'_> {
     }
 }
 
-fn pread_full(fd: RawFd, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+/// Fills `buf` from `offset` with preads; past the end of the file it reads as zeroes.
+pub(crate) fn pread_full(fd: RawFd, offset: u64, buf: &mut [u8]) -> io::Result<()> {
     let mut done = 0usize;
     while done < buf.len() {
         let rest = &mut buf[done..];

@@ -635,30 +635,8 @@ impl Storage for StopAfter<'_> {
     /// The operations of a batch may complete in any order: here the last first, so a stop
     /// can fall between an L2 entry and the data it points at when they share a batch.
     fn run_batch(&self, ops: &[vublk_formats::BatchOp<'_>]) -> Vec<io::Result<()>> {
-        let mut results: Vec<io::Result<()>> = ops
-            .iter()
-            .rev()
-            .map(|op| match *op {
-                vublk_formats::BatchOp::Write { file, offset, data } => {
-                    self.write_at(file, offset, data)
-                }
-                vublk_formats::BatchOp::ZeroRange { file, offset, len } => {
-                    self.zero_range(file, offset, len)
-                }
-                vublk_formats::BatchOp::WriteParts {
-                    file,
-                    offset,
-                    parts,
-                } => {
-                    let mut at = offset;
-                    parts.iter().try_for_each(|part| {
-                        let r = self.write_at(file, at, part);
-                        at += part.len() as u64;
-                        r
-                    })
-                }
-            })
-            .collect();
+        let mut results: Vec<io::Result<()>> =
+            ops.iter().rev().map(|op| op.run_blocking(self)).collect();
         results.reverse();
         results
     }

@@ -151,15 +151,6 @@ impl L2Cache {
         }
     }
 
-    /// Drops a table (freed, or replaced by a copy elsewhere).
-    pub fn remove(&self, offset: u64) {
-        let mut inner = self.lock();
-        inner.clock += 1;
-        let now = inner.clock;
-        inner.tables.remove(&offset);
-        inner.evicted_updates.insert(offset, now);
-    }
-
     fn insert_locked(&self, inner: &mut Inner, offset: u64, table: L2Table) -> L2Table {
         inner.clock += 1;
         let now = inner.clock;

@@ -19,8 +19,8 @@ use crate::qcow2::layer::WriterState;
 use crate::qcow2::refcount::meta_unit;
 
 use crate::qcow2::{
-    decode_l1_entry, decode_l2_entry, encode_l1_entry, encode_l2_entry, GuestOffset, HostOffset,
-    L1Entry, L2Entry, Qcow2Layer, Version,
+    decode_l1_entry, decode_l2_entry, encode_l1_entry, encode_l2_entry, ClusterGeometry,
+    GuestOffset, HostOffset, L1Entry, L2Entry, Qcow2Layer, Version,
 };
 use crate::{
     decompress_cluster, AlignedBuf, BatchOp, FileId, Layer, MapError, MapKind, Piece, Storage,
@@ -83,6 +83,13 @@ struct UnitWrite {
     entries: Vec<(usize, u64)>,
     /// Indexes into the round's allocations.
     allocs: Vec<usize>,
+}
+
+impl UnitWrite {
+    /// Where the unit starts in the image file.
+    fn offset(&self, per_unit: usize) -> u64 {
+        self.table.0 + (self.unit * per_unit) as u64 * 8
+    }
 }
 
 /// A new L2 table (empty, or a copy of one shared with a snapshot) for one L1 entry.
@@ -435,17 +442,7 @@ impl Qcow2Layer {
             }
         }
         for u in unit_writes.iter_mut().filter(|u| u.early) {
-            u.entries = u
-                .allocs
-                .iter()
-                .filter(|&&i| ok(results, allocs[i].job))
-                .map(|&i| {
-                    (
-                        usize::try_from(allocs[i].l2_index).unwrap_or(usize::MAX),
-                        allocs[i].new_raw,
-                    )
-                })
-                .collect();
+            u.entries = new_entries(&allocs, &u.allocs, results);
             let first = u.unit * per_unit;
             u.bytes = table_bytes_with(&u.held, first..first + per_unit, &u.entries);
         }
@@ -550,7 +547,7 @@ impl Qcow2Layer {
             let u = &unit_writes[k];
             ops.push(BatchOp::Write {
                 file: FileId(0),
-                offset: u.table.0 + (u.unit * per_unit) as u64 * 8,
+                offset: u.offset(per_unit),
                 data: &u.bytes,
             });
         }
@@ -588,17 +585,7 @@ impl Qcow2Layer {
             if u.early {
                 continue;
             }
-            u.entries = u
-                .allocs
-                .iter()
-                .filter(|&&i| ok(results, allocs[i].job))
-                .map(|&i| {
-                    (
-                        usize::try_from(allocs[i].l2_index).unwrap_or(usize::MAX),
-                        allocs[i].new_raw,
-                    )
-                })
-                .collect();
+            u.entries = new_entries(&allocs, &u.allocs, results);
             if u.entries.is_empty() {
                 continue;
             }
@@ -628,19 +615,7 @@ impl Qcow2Layer {
                 .collect();
             // Not ours: none yet, or shared with a snapshot (copied).
             let shared_or_none = table;
-            let n = usize::try_from(g.l2_entries()).unwrap_or(0);
-            let bytes = match &shared_or_none {
-                Some((_, _, t)) => table_bytes_with(t, 0..n, &entries),
-                None => {
-                    let mut b = vec![0u8; n * 8];
-                    for &(l2, raw) in &entries {
-                        if let Some(e) = b.get_mut(l2 * 8..l2 * 8 + 8) {
-                            e.copy_from_slice(&raw.to_be_bytes());
-                        }
-                    }
-                    b
-                }
-            };
+            let bytes = new_table_bytes(&g, shared_or_none.as_ref().map(|(_, _, t)| t), &entries);
             let placed = w
                 .refcounts
                 .allocate(io)
@@ -686,7 +661,7 @@ impl Qcow2Layer {
             let u = &unit_writes[k];
             ops.push(BatchOp::Write {
                 file: FileId(0),
-                offset: u.table.0 + (u.unit * per_unit) as u64 * 8,
+                offset: u.offset(per_unit),
                 data: &u.bytes,
             });
         }
@@ -772,15 +747,17 @@ impl Qcow2Layer {
         let mut groups = Vec::new();
         for (unit_no, ks) in &l1_units {
             let first = unit_no * per_unit;
-            let mut bytes = Vec::with_capacity(per_unit * 8);
-            for j in first..first + per_unit {
-                let v = ks
-                    .iter()
-                    .find(|&&k| usize::try_from(new_tables[k].l1_index).ok() == Some(j))
-                    .and_then(|&k| self.l1_entry_for(new_tables[k].cluster * cs))
-                    .unwrap_or_else(|| self.l1.get(j).map_or(0, |a| a.load(Ordering::Acquire)));
-                bytes.extend_from_slice(&v.to_be_bytes());
-            }
+            let overrides: Vec<(usize, u64)> = ks
+                .iter()
+                .filter_map(|&k| {
+                    let t = &new_tables[k];
+                    Some((
+                        usize::try_from(t.l1_index).ok()?,
+                        self.l1_entry_for(t.cluster * cs)?,
+                    ))
+                })
+                .collect();
+            let bytes = table_bytes_with(&self.l1, first..first + per_unit, &overrides);
             ops_bytes.push((self.header.l1_table_offset().0 + first as u64 * 8, bytes));
             groups.push(ks.clone());
         }
@@ -1077,22 +1054,19 @@ impl Qcow2Layer {
                 let unit = meta_unit(cs);
                 let per_unit = usize::try_from(unit / 8).unwrap_or(1);
                 let first = l2_index / per_unit * per_unit;
-                let bytes = table_bytes(table, first..first + per_unit, l2_index, raw_new);
+                let bytes =
+                    table_bytes_with(table, first..first + per_unit, &[(l2_index, raw_new)]);
                 io.write_at(FileId(0), offset.0 + first as u64 * 8, &bytes)
                     .map_err(self.io_err(format!("writing the L2 table at {}", offset.0)))?;
                 self.l2.update_entry(offset.0, l2_index, raw_new, table);
                 Ok(())
             }
             shared_or_none => {
-                let entries = usize::try_from(g.l2_entries()).unwrap_or(0);
-                let bytes = match shared_or_none {
-                    Some((_, _, table)) => table_bytes(table, 0..entries, l2_index, raw_new),
-                    None => {
-                        let mut b = vec![0u8; entries * 8];
-                        b[l2_index * 8..l2_index * 8 + 8].copy_from_slice(&raw_new.to_be_bytes());
-                        b
-                    }
-                };
+                let bytes = new_table_bytes(
+                    &g,
+                    shared_or_none.as_ref().map(|(_, _, t)| t),
+                    &[(l2_index, raw_new)],
+                );
                 let new_table = w.refcounts.allocate(io)?;
                 self.check_overlap(new_table)?;
                 io.write_at(FileId(0), new_table * cs, &bytes).map_err(
@@ -1125,27 +1099,13 @@ impl Qcow2Layer {
 
     fn set_l1(&self, io: &dyn Storage, index: u64, table: u64) -> Result<(), UpdateError> {
         let g = *self.geometry();
-        let raw = encode_l1_entry(
-            L1Entry::L2Table {
-                offset: HostOffset(table),
-                copied: true,
-            },
-            &g,
-        )
-        .map_err(|e| self.corrupt_err(format!("encoding an L1 entry: {e}")))?;
-        let unit = meta_unit(g.cluster_size());
-        let per_unit = (unit / 8) as usize;
+        let raw = self
+            .l1_entry_for(table)
+            .ok_or_else(|| self.corrupt_err(format!("cannot encode an L1 entry for {table}")))?;
+        let per_unit = usize::try_from(meta_unit(g.cluster_size()) / 8).unwrap_or(1);
         let i = usize::try_from(index).unwrap_or(usize::MAX);
         let first = i / per_unit * per_unit;
-        let mut bytes = Vec::with_capacity(per_unit * 8);
-        for j in first..first + per_unit {
-            let v = if j == i {
-                raw
-            } else {
-                self.l1.get(j).map_or(0, |a| a.load(Ordering::Acquire))
-            };
-            bytes.extend_from_slice(&v.to_be_bytes());
-        }
+        let bytes = table_bytes_with(&self.l1, first..first + per_unit, &[(i, raw)]);
         // The L1 table may end inside the unit; the rest of its cluster is padding that
         // QEMU keeps zero, as this writes it.
         let at = self.header.l1_table_offset().0 + first as u64 * 8;
@@ -1282,23 +1242,36 @@ fn table_bytes_with(
     out
 }
 
-/// The big-endian bytes of `table[range]`, with entry `index` replaced by `value`.
-fn table_bytes(
-    table: &[AtomicU64],
-    range: std::ops::Range<usize>,
-    index: usize,
-    value: u64,
+/// The `(L2 index, entry)` pairs of the allocations `members` whose write has not failed.
+fn new_entries(
+    allocs: &[Alloc<'_>],
+    members: &[usize],
+    results: &[Result<(), UpdateError>],
+) -> Vec<(usize, u64)> {
+    members
+        .iter()
+        .filter(|&&i| results[allocs[i].job].is_ok())
+        .map(|&i| {
+            (
+                usize::try_from(allocs[i].l2_index).unwrap_or(usize::MAX),
+                allocs[i].new_raw,
+            )
+        })
+        .collect()
+}
+
+/// A whole new L2 table: a copy of `shared` (a table shared with a snapshot), or empty, with
+/// the `(index, value)` entries set.
+fn new_table_bytes(
+    g: &ClusterGeometry,
+    shared: Option<&L2Table>,
+    entries: &[(usize, u64)],
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(range.len() * 8);
-    for i in range {
-        let v = if i == index {
-            value
-        } else {
-            table.get(i).map_or(0, |e| e.load(Ordering::Acquire))
-        };
-        out.extend_from_slice(&v.to_be_bytes());
+    let n = usize::try_from(g.l2_entries()).unwrap_or(0);
+    match shared {
+        Some(t) => table_bytes_with(t, 0..n, entries),
+        None => table_bytes_with(&[], 0..n, entries),
     }
-    out
 }
 
 /// Reads guest bytes of `layer` (whose files start at `base` in `io`) with blocking I/O,
