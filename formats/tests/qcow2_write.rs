@@ -12,16 +12,18 @@
     reason = "test code: a failure is the test failing; patterns truncate on purpose"
 )]
 
-use std::cell::Cell;
+mod common;
+
+use common::StopAfter;
+
 use std::fs::{File, OpenOptions};
-use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use vublk_formats::qcow2::Qcow2Layer;
 use vublk_formats::{
-    decompress_cluster, FileId, FileStorage, ImageFile, ImageFileOptions, Layer, MapError, MapKind,
+    decompress_cluster, FileStorage, ImageFile, ImageFileOptions, Layer, MapError, MapKind,
     OpenError, Piece, RawLayer, Storage, Update, UpdateError,
 };
 
@@ -583,65 +585,6 @@ fn run_matrix(cache_tables: Option<u64>) {
     }
 }
 
-/// Storage that completes the first `budget` writes (and punches) and fails every call after,
-/// like a process killed after its Nth write: what completed stays, nothing else happens.
-struct StopAfter<'a> {
-    inner: FileStorage<'a>,
-    budget: Cell<u64>,
-    stopped: Cell<bool>,
-}
-
-impl StopAfter<'_> {
-    fn spend(&self) -> io::Result<()> {
-        if self.stopped.get() || self.budget.get() == 0 {
-            self.stopped.set(true);
-            return Err(io::Error::from_raw_os_error(libc::EIO));
-        }
-        self.budget.set(self.budget.get() - 1);
-        Ok(())
-    }
-}
-
-impl Storage for StopAfter<'_> {
-    fn read_at(&self, file: FileId, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        if self.stopped.get() {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
-        }
-        self.inner.read_at(file, offset, buf)
-    }
-
-    fn write_at(&self, file: FileId, offset: u64, buf: &[u8]) -> io::Result<()> {
-        self.spend()?;
-        self.inner.write_at(file, offset, buf)
-    }
-
-    fn sync(&self, file: FileId) -> io::Result<()> {
-        if self.stopped.get() {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
-        }
-        self.inner.sync(file)
-    }
-
-    fn punch_hole(&self, file: FileId, offset: u64, len: u64) -> io::Result<()> {
-        self.spend()?;
-        self.inner.punch_hole(file, offset, len)
-    }
-
-    fn grow_to(&self, file: FileId, len: u64) -> io::Result<()> {
-        self.spend()?;
-        self.inner.grow_to(file, len)
-    }
-
-    /// The operations of a batch may complete in any order: here the last first, so a stop
-    /// can fall between an L2 entry and the data it points at when they share a batch.
-    fn run_batch(&self, ops: &[vublk_formats::BatchOp<'_>]) -> Vec<io::Result<()>> {
-        let mut results: Vec<io::Result<()>> =
-            ops.iter().rev().map(|op| op.run_blocking(self)).collect();
-        results.reverse();
-        results
-    }
-}
-
 #[test]
 fn stopping_after_every_write_n_leaves_no_corruption_and_keeps_acknowledged_writes() {
     let dir = tempfile::tempdir().unwrap();
@@ -696,11 +639,7 @@ fn stopping_after_every_write_n_leaves_no_corruption_and_keeps_acknowledged_writ
             let mut torn: Option<(u64, u64)> = None;
             let finished = {
                 let layer = pristine.open().unwrap();
-                let io = StopAfter {
-                    inner: FileStorage::new(layer.files()),
-                    budget: Cell::new(n),
-                    stopped: Cell::new(false),
-                };
+                let io = StopAfter::new(FileStorage::new(layer.files()), n);
                 let driver = Driver {
                     layer: &layer,
                     io: &io,
@@ -732,7 +671,7 @@ fn stopping_after_every_write_n_leaves_no_corruption_and_keeps_acknowledged_writ
                 if finished && layer.close(&io).is_err() {
                     finished = false;
                 }
-                finished && !io.stopped.get()
+                finished && !io.stopped()
             };
             let (code, report) = qemu_img_check(&pristine.top);
             assert!(

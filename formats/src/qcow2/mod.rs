@@ -1,11 +1,12 @@
-//! qcow2 (versions 2 and 3) metadata, pure: bytes in, validated types and plans out.
+//! qcow2 (versions 2 and 3): the pure metadata modules, and the layer built on them.
 //!
-//! Owns: the hostile-image limits (`limits`), offset and cluster units (`types`), the header
-//! and its extensions (`header`, `extensions`), table entry codecs (`entries`) and the bounded
-//! probe (`probe`), all per QEMU's docs/interop/qcow2.rst, quoted beside each check. Nothing
-//! here does I/O except [`probe_fd`] (one fstat, one bounded pread): the server's engine reads
-//! and writes the tables through io_uring and hands the bytes in. It does not know fds,
-//! caches, io_uring, or how a backing chain is assembled (every layer is an fd the manager
+//! Pure (bytes in, validated types and plans out, per QEMU's docs/interop/qcow2.rst quoted
+//! beside each check): the hostile-image limits (`limits`), offset and cluster units
+//! (`types`), the header and its extensions (`header`, `extensions`), table entry codecs
+//! (`entries`). With I/O: the bounded probe (`probe`: one fstat, one bounded pread), the
+//! layer (`layer`, `cache`: tables arrive as bytes the server's engine read through io_uring),
+//! and the metadata path (`refcount`, `update`, and `resize` on a closed image) through the
+//! `Storage` trait. It does not assemble backing chains (every layer is an fd the manager
 //! passed; a backing file name in an image is only reported).
 //!
 //! The split between reporting and refusing: [`Qcow2Header::parse`] accepts every well-formed
@@ -20,6 +21,7 @@ mod layer;
 pub mod limits;
 pub mod probe;
 mod refcount;
+mod resize;
 pub mod types;
 mod update;
 
@@ -37,6 +39,7 @@ pub use header::{
 };
 pub use layer::Qcow2Layer;
 pub use probe::{probe, probe_fd, ProbeError, ProbeInfo};
+pub use resize::{resize, resize_with, ResizeError, ResizeOutcome};
 pub use types::{
     ClusterGeometry, GeometryError, GuestCluster, GuestLocation, GuestOffset, HostCluster,
     HostOffset, RefcountGeometry, RefcountLocation,
