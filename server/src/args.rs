@@ -116,6 +116,20 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 256)]
     pub queue_size: u16,
 
+    /// QMP control socket for the manager: a path to listen at, or fd:N (an inherited
+    /// listening or connected unix socket).
+    #[arg(long, value_name = "PATH|fd:N")]
+    pub control: Option<String>,
+
+    /// Put inherited fd N into fd set S, with an optional opaque text (QEMU's -add-fd);
+    /// repeatable. The image and backing files may then be given as /dev/fdset/S.
+    #[arg(long, value_name = "fd=N,set=S[,opaque=TEXT]")]
+    pub add_fd: Vec<String>,
+
+    /// The device's name in control commands and events.
+    #[arg(long, default_value = "disk0")]
+    pub id: String,
+
     /// Write "READY=1\n" to this fd and close it once serving.
     #[arg(long, value_name = "N")]
     pub ready_fd: Option<i32>,

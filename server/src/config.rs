@@ -74,11 +74,34 @@ pub struct DeviceConfig {
     pub queue_size: u16,
 }
 
+/// Where the manager's control connection comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ControlSocket {
+    /// Listen at this path.
+    Listen(PathBuf),
+    /// An inherited socket fd: listening or connected, told apart at setup.
+    Inherited(RawFd),
+}
+
+/// One `--add-fd`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddFd {
+    pub fd: RawFd,
+    pub set: u64,
+    pub opaque: Option<String>,
+}
+
+/// The longest device name (`--id`): QEMU's qdev ids are short identifiers too.
+pub const MAX_ID_LEN: usize = 64;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServeConfig {
     pub disk: DiskConfig,
     pub device: DeviceConfig,
     pub ready_fd: Option<RawFd>,
+    pub control: Option<ControlSocket>,
+    pub add_fds: Vec<AddFd>,
+    pub id: String,
 }
 
 /// A command line that parses but does not make sense.
@@ -114,6 +137,12 @@ pub enum ConfigError {
     QueueSize(u16),
     #[error("--ready-fd {0}: fds 0-2 are stdio")]
     ReadyFd(RawFd),
+    #[error("--control {text}: fd:N needs an fd number above 2, or give a path")]
+    ControlFd { text: String },
+    #[error("--add-fd {text}: {reason}")]
+    AddFd { text: String, reason: &'static str },
+    #[error("--id '{0}': a device name is 1-{MAX_ID_LEN} letters, digits, '-', '_' or '.', starting with a letter")]
+    Id(String),
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -164,7 +193,26 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 return Err(ConfigError::ReadyFd(fd));
             }
         }
+        let control = args.control.as_deref().map(parse_control).transpose()?;
+        let add_fds = args
+            .add_fd
+            .iter()
+            .map(|t| parse_add_fd(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let id_ok = !args.id.is_empty()
+            && args.id.len() <= MAX_ID_LEN
+            && args.id.starts_with(|c: char| c.is_ascii_alphabetic())
+            && args
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !id_ok {
+            return Err(ConfigError::Id(args.id));
+        }
         Ok(ServeConfig {
+            control,
+            add_fds,
+            id: args.id,
             disk: DiskConfig {
                 image,
                 format,
@@ -186,6 +234,59 @@ impl TryFrom<ServeArgs> for ServeConfig {
             ready_fd: args.ready_fd,
         })
     }
+}
+
+/// Parses `--control PATH|fd:N`.
+fn parse_control(text: &str) -> Result<ControlSocket, ConfigError> {
+    match text.strip_prefix("fd:") {
+        Some(n) => match n.parse::<RawFd>() {
+            Ok(fd) if fd > 2 => Ok(ControlSocket::Inherited(fd)),
+            _ => Err(ConfigError::ControlFd {
+                text: text.to_string(),
+            }),
+        },
+        None => Ok(ControlSocket::Listen(PathBuf::from(text))),
+    }
+}
+
+/// Parses `fd=N,set=S[,opaque=TEXT]` with QEMU's `-add-fd` rules. The opaque text comes last
+/// and runs to the end, so it may hold commas.
+fn parse_add_fd(text: &str) -> Result<AddFd, ConfigError> {
+    let err = |reason| ConfigError::AddFd {
+        text: text.to_string(),
+        reason,
+    };
+    let (head, opaque) = match text.split_once(",opaque=") {
+        Some((head, opaque)) => (head, Some(opaque.to_string())),
+        None => (text, None),
+    };
+    let (mut fd, mut set) = (None, None);
+    for part in head.split(',') {
+        match part.split_once('=') {
+            Some(("fd", v)) => {
+                fd = Some(
+                    v.parse::<RawFd>()
+                        .map_err(|_| err("fd option is required and must be non-negative"))?,
+                )
+            }
+            Some(("set", v)) => {
+                set = Some(
+                    v.parse::<u64>()
+                        .map_err(|_| err("set option is required and must be non-negative"))?,
+                )
+            }
+            _ => return Err(err("expected fd=N,set=S[,opaque=TEXT]")),
+        }
+    }
+    let fd = fd.ok_or_else(|| err("fd option is required and must be non-negative"))?;
+    if fd < 0 {
+        return Err(err("fd option is required and must be non-negative"));
+    }
+    if fd <= 2 {
+        return Err(err("fd cannot be a standard I/O stream"));
+    }
+    let set = set.ok_or_else(|| err("set option is required and must be non-negative"))?;
+    Ok(AddFd { fd, set, opaque })
 }
 
 /// Parses `FILE,format=F` (the format is required: a backing layer's format is never probed).
@@ -395,6 +496,77 @@ mod tests {
             with(&["--num-queues", "17"]),
             Err(ConfigError::NumQueues(17))
         );
+    }
+
+    #[test]
+    fn control_add_fd_and_id_parse_with_qemus_rules() {
+        let c = with(&[
+            "--control",
+            "fd:7",
+            "--add-fd",
+            "fd=10,set=3",
+            "--add-fd",
+            "fd=11,set=3,opaque=a,b=c",
+            "--id",
+            "vm1-disk.0",
+        ])
+        .expect("valid");
+        assert_eq!(c.control, Some(ControlSocket::Inherited(7)));
+        assert_eq!(
+            c.add_fds,
+            [
+                AddFd {
+                    fd: 10,
+                    set: 3,
+                    opaque: None
+                },
+                AddFd {
+                    fd: 11,
+                    set: 3,
+                    opaque: Some("a,b=c".into())
+                }
+            ]
+        );
+        assert_eq!(c.id, "vm1-disk.0");
+        assert_eq!(
+            with(&["--control", "/run/q.sock"]).expect("valid").control,
+            Some(ControlSocket::Listen("/run/q.sock".into()))
+        );
+        assert_eq!(with(&[]).expect("valid").id, "disk0");
+        for (bad, reason) in [
+            ("fd=2,set=0", "fd cannot be a standard I/O stream"),
+            (
+                "fd=-4,set=0",
+                "fd option is required and must be non-negative",
+            ),
+            ("set=0", "fd option is required and must be non-negative"),
+            ("fd=9", "set option is required and must be non-negative"),
+            (
+                "fd=9,set=x",
+                "set option is required and must be non-negative",
+            ),
+            ("fd=9,set=1,bogus=1", "expected fd=N,set=S[,opaque=TEXT]"),
+        ] {
+            assert_eq!(
+                with(&["--add-fd", bad]),
+                Err(ConfigError::AddFd {
+                    text: bad.into(),
+                    reason
+                }),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            with(&["--control", "fd:1"]),
+            Err(ConfigError::ControlFd { .. })
+        ));
+        for bad in ["", "0disk", "disk 0", "disk/0"] {
+            assert_eq!(
+                with(&["--id", bad]),
+                Err(ConfigError::Id(bad.into())),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

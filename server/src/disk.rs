@@ -1,15 +1,18 @@
-//! The disk a device serves: the format layer over the image fds, plus the virtio-blk facts
-//! derived from it (capacity, feature set, serial, the guest-writable cache mode).
+//! The medium a device serves: the format layer over the image fds (or nothing, after an
+//! eject), its capacity and access mode, and where each of its files came from.
 //!
-//! Opening happens once during setup, before confinement: fds are validated and paths (for
-//! trying vublk by hand) are opened here and nowhere else.
+//! A medium is opened during setup and again for each medium change. Its fds come from a
+//! [`FdSource`] (inherited fds and fd sets); every fd is checked for its type, access mode and
+//! flags whatever its origin. Paths (for trying vublk by hand) are opened only during setup,
+//! here and nowhere else. The device-level facts (features, serial, cache mode) live in
+//! `device.rs`.
 
 use std::fs::OpenOptions;
+use std::os::fd::AsFd;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use vublk_fdset::{check_image_fd, FdError, FdStatus, FileSpec, ImageAccess};
@@ -17,12 +20,9 @@ use vublk_formats::qcow2::Qcow2Layer;
 use vublk_formats::{Format, ImageFile, ImageFileOptions, Layer, OpenError, RawLayer};
 
 use crate::args::FormatArg;
-use crate::config::{CacheMode, DeviceConfig, DiskConfig};
+use crate::config::{CacheMode, DiskConfig};
 use crate::updater::{UpdateJob, UpdateReply, Updater};
-use crate::virtio_blk::config_space::BlkConfig;
-use crate::virtio_blk::features::{DeviceParams, MAX_DISCARD_SECTORS};
-use crate::virtio_blk::request::Geometry;
-use crate::virtio_blk::VIRTIO_BLK_ID_BYTES;
+use std::os::fd::AsRawFd;
 
 /// Why the disk could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -43,8 +43,16 @@ pub enum DiskError {
         "{spec}: a raw image has no backing file, but another --backing layer was given below it"
     )]
     BackingUnderRaw { spec: FileSpec },
-    #[error("{spec}: fd sets are filled by --add-fd or the control socket, which this build does not have yet")]
-    FdSetUnsupported { spec: FileSpec },
+    #[error("{spec}: this fd is already used for another file of the chain")]
+    FdReused { spec: FileSpec },
+    #[error("{path}: paths are only opened during setup; pass an fd set (/dev/fdset/N) instead")]
+    PathRefused { path: PathBuf },
+    #[error("{spec}")]
+    Resolve {
+        spec: FileSpec,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("{spec}")]
     Open {
         spec: FileSpec,
@@ -63,25 +71,87 @@ pub enum DiskError {
     BlockSize { spec: FileSpec, size: u64, lbs: u32 },
 }
 
-/// A served disk, shared by every queue worker and every connection.
-#[derive(Debug)]
+/// A file of the chain as the manager gave it, for `query-block`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerInfo {
+    /// The spelling the manager used (`fd:N`, `/dev/fdset/N`, or a path).
+    pub file: String,
+    pub format: Format,
+    pub read_only: bool,
+    /// The fd set the file came from, and the opaque text the manager attached to its fd.
+    pub fdset: Option<u64>,
+    pub opaque: Option<String>,
+}
+
+/// An fd for a file of the chain, as a [`FdSource`] resolves it.
+pub struct ResolvedFd {
+    pub fd: OwnedFd,
+    /// Kept alive as long as the medium (an fd set's record of its dup).
+    pub hold: Option<Hold>,
+    pub fdset: Option<u64>,
+    pub opaque: Option<String>,
+}
+
+/// Where the fds of a chain come from: inherited fds and `--add-fd` sets during setup, fd
+/// sets filled over the control socket afterwards.
+pub trait FdSource {
+    /// An fd for `spec` (never a path) fit for `need`. The caller checks its type and flags.
+    fn resolve(&mut self, spec: &FileSpec, need: ImageAccess) -> Result<ResolvedFd, DiskError>;
+    /// Whether a path may be opened (only during setup, for trying vublk by hand).
+    fn paths_allowed(&self) -> bool;
+}
+
+/// Something that must live as long as a medium uses an fd (an fd set's record of its dup).
+pub type Hold = Arc<dyn std::any::Any + Send + Sync>;
+
+/// Called with a message when a layer finds its image inconsistent and marks it corrupt.
+pub type CorruptionHook = Arc<dyn Fn(String) + Send + Sync>;
+
+/// A medium: the format layer over the image fds, or nothing (ejected).
 pub struct Disk {
-    layer: Arc<dyn Layer>,
+    layer: Option<Arc<dyn Layer>>,
     /// The metadata thread, for a layer that can need one (writable qcow2).
     updater: Option<Updater>,
-    params: DeviceParams,
-    serial: [u8; VIRTIO_BLK_ID_BYTES],
-    /// The configuration space; the driver may change `writeback` through it.
-    config: Mutex<BlkConfig>,
-    /// Mirror of `config.writeback` read on the fast path.
-    writeback: AtomicBool,
+    capacity_bytes: u64,
+    read_only: bool,
+    /// Top first.
+    chain: Vec<LayerInfo>,
+    /// The fds of the chain in the order they were resolved (bottom-up), with their holds.
+    opened: Vec<(RawFd, Option<Hold>)>,
+    /// What the medium was opened from (to reopen it after a resize).
+    config: DiskConfig,
+    /// The virtual size of the layer below the top one.
+    backing_size: Option<u64>,
+}
+
+impl std::fmt::Debug for Disk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Disk")
+            .field("capacity_bytes", &self.capacity_bytes)
+            .field("read_only", &self.read_only)
+            .field("chain", &self.chain)
+            .finish()
+    }
 }
 
 impl Disk {
-    /// Opens `disk` (the image and its backing chain) as the device `device` describes.
-    pub fn open(disk: &DiskConfig, device: &DeviceConfig) -> Result<Disk, DiskError> {
+    /// Opens `disk` (the image and its backing chain), taking fds from `source`.
+    pub fn open(
+        disk: &DiskConfig,
+        source: &mut dyn FdSource,
+        on_corrupt: CorruptionHook,
+    ) -> Result<Disk, DiskError> {
         let spec = disk.image.clone();
-        let layer: Arc<dyn Layer> = Arc::from(open_chain(disk)?);
+        let mut opened = Vec::new();
+        let mut chain = Vec::new();
+        let mut backing_size = None;
+        let layer: Arc<dyn Layer> = Arc::from(open_chain(
+            disk,
+            source,
+            &mut opened,
+            &mut chain,
+            &mut backing_size,
+        )?);
         let mut capacity_bytes = layer.virtual_size();
         let lbs = disk.logical_block_size;
         if capacity_bytes % u64::from(lbs) != 0 {
@@ -98,36 +168,67 @@ impl Disk {
                 });
             }
         }
-        let params = DeviceParams {
-            capacity_bytes,
-            logical_block_size: lbs,
-            read_only: disk.read_only,
-            discard: disk.discard,
-            num_queues: device.num_queues,
-            queue_size: device.queue_size,
-        };
-        let mut serial = [0u8; VIRTIO_BLK_ID_BYTES];
-        serial[..disk.serial.len()].copy_from_slice(&disk.serial);
         let updater = if layer.format() == Format::Qcow2 && !layer.read_only() {
             Some(
-                Updater::spawn(Arc::clone(&layer))
+                Updater::spawn(Arc::clone(&layer), on_corrupt)
                     .map_err(|source| DiskError::Updater { spec, source })?,
             )
         } else {
             None
         };
         Ok(Disk {
-            layer,
+            read_only: layer.read_only(),
+            layer: Some(layer),
             updater,
-            params,
-            serial,
-            config: Mutex::new(params.config()),
-            writeback: AtomicBool::new(true),
+            capacity_bytes,
+            chain,
+            opened,
+            config: disk.clone(),
+            backing_size,
         })
     }
 
-    pub fn layer(&self) -> &dyn Layer {
-        self.layer.as_ref()
+    /// No medium: capacity 0, every request fails.
+    pub fn empty() -> Disk {
+        Disk {
+            layer: None,
+            updater: None,
+            capacity_bytes: 0,
+            read_only: true,
+            chain: Vec::new(),
+            opened: Vec::new(),
+            config: DiskConfig {
+                image: FileSpec::Fd(-1),
+                format: FormatArg::Raw,
+                backing: Vec::new(),
+                read_only: true,
+                cache: None,
+                discard: false,
+                serial: Vec::new(),
+                logical_block_size: 512,
+            },
+            backing_size: None,
+        }
+    }
+
+    pub fn layer(&self) -> Option<&dyn Layer> {
+        self.layer.as_deref()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.layer.is_none()
+    }
+
+    pub fn capacity_bytes(&self) -> u64 {
+        self.capacity_bytes
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    pub fn chain(&self) -> &[LayerInfo] {
+        &self.chain
     }
 
     /// Whether a metadata thread serves this disk (writable qcow2): FLUSH goes through it.
@@ -141,91 +242,90 @@ impl Disk {
         self.updater.as_ref().is_some_and(|u| u.submit(job, reply))
     }
 
-    pub fn params(&self) -> &DeviceParams {
-        &self.params
-    }
-
-    pub fn serial(&self) -> &[u8; VIRTIO_BLK_ID_BYTES] {
-        &self.serial
-    }
-
-    /// What requests are checked against.
-    pub fn geometry(&self) -> Geometry {
-        let features = self.params.features();
-        let has = |bit: u32| features & (1 << bit) != 0;
-        use crate::virtio_blk::feature::{VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES};
-        Geometry {
-            capacity_bytes: self.params.capacity_bytes,
-            logical_block_size: self.params.logical_block_size,
-            read_only: self.params.read_only,
-            discard: has(VIRTIO_BLK_F_DISCARD),
-            write_zeroes: has(VIRTIO_BLK_F_WRITE_ZEROES),
-            max_dwz_sectors: MAX_DISCARD_SECTORS,
-        }
-    }
-
-    pub fn config(&self) -> BlkConfig {
-        *self.config.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Applies a driver write to the configuration space.
-    pub fn write_config(&self, offset: u32, data: &[u8], wce_negotiated: bool) {
-        let mut config = self.config.lock().unwrap_or_else(|e| e.into_inner());
-        if config.write(offset, data, wce_negotiated) {
-            log::info!(
-                "guest set the write cache to {}",
-                if config.writeback == 1 {
-                    "writeback"
-                } else {
-                    "writethrough"
-                }
-            );
-        }
-        self.writeback
-            .store(config.writeback == 1, Ordering::Release);
-    }
-
-    /// Writeback cache: writes complete before they are durable; FLUSH makes them so.
-    /// Writethrough: each write is durable when it completes.
-    pub fn writeback(&self) -> bool {
-        self.writeback.load(Ordering::Acquire)
-    }
-
     /// The raw fds to register with each queue's ring, indexed by `FileId`.
     pub fn raw_fds(&self) -> Vec<RawFd> {
-        self.layer
-            .files()
-            .into_iter()
-            .map(ImageFile::raw_fd)
-            .collect()
+        self.files().into_iter().map(ImageFile::raw_fd).collect()
+    }
+
+    fn files(&self) -> Vec<&ImageFile> {
+        self.layer.as_ref().map(|l| l.files()).unwrap_or_default()
     }
 
     /// Each file's options, indexed by `FileId`.
     pub fn file_options(&self) -> Vec<ImageFileOptions> {
-        self.layer
-            .files()
+        self.files()
             .into_iter()
             .map(|f| f.options().clone())
             .collect()
     }
 
-    /// fdatasyncs every writable file (used on shutdown), after the metadata thread (if any)
-    /// finished its queue and closed the layer.
+    /// Stops the metadata thread (which closes the layer: reserved clusters returned, dirty
+    /// state written) and fdatasyncs every writable file. Used on shutdown and before a
+    /// medium is replaced; the disk serves nothing that needs the metadata thread afterwards.
     pub fn sync(&self) -> std::io::Result<()> {
         if let Some(updater) = &self.updater {
             updater.shutdown();
         }
-        for file in self.layer.files() {
+        for file in self.files() {
             if file.options().writable {
                 nix::unistd::fdatasync(file).map_err(std::io::Error::from)?;
             }
         }
         Ok(())
     }
+
+    pub fn config(&self) -> &DiskConfig {
+        &self.config
+    }
+
+    /// Whether the top image's fd has O_DIRECT.
+    pub fn direct(&self) -> bool {
+        self.files().first().is_some_and(|f| f.options().direct)
+    }
+
+    /// The chain's fds in the order they were resolved (bottom-up), with their holds, for
+    /// reopening the same files.
+    pub fn opened(&self) -> &[(RawFd, Option<Hold>)] {
+        &self.opened
+    }
+
+    /// Changes the virtual size in the image file itself: ftruncate for raw, header and L1
+    /// table for qcow2. Only on a closed medium ([`sync`](Self::sync) first); the caller
+    /// reopens it to serve the new size.
+    pub fn resize_file(&self, size: u64) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let Some(layer) = &self.layer else {
+            return Err("no medium".into());
+        };
+        let Some(top) = layer.files().into_iter().next() else {
+            return Err("no medium".into());
+        };
+        match layer.format() {
+            Format::Raw => {
+                let len = i64::try_from(size).map_err(|_| "size out of range")?;
+                nix::unistd::ftruncate(top, len).map_err(|e| {
+                    format!(
+                        "{}: cannot truncate fd {} to {size} bytes: {e}",
+                        self.config.image,
+                        top.raw_fd()
+                    )
+                })?;
+                Ok(())
+            }
+            Format::Qcow2 => vublk_formats::qcow2::resize(top, size, self.backing_size)
+                .map(drop)
+                .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) }),
+        }
+    }
 }
 
 /// Opens the backing chain bottom-up, then the image on top of it.
-fn open_chain(disk: &DiskConfig) -> Result<Box<dyn Layer>, DiskError> {
+fn open_chain(
+    disk: &DiskConfig,
+    source: &mut dyn FdSource,
+    opened: &mut Vec<(RawFd, Option<Hold>)>,
+    chain: &mut Vec<LayerInfo>,
+    backing_size: &mut Option<u64>,
+) -> Result<Box<dyn Layer>, DiskError> {
     // Paths in the chain follow the image's cache mode; fds keep their own O_DIRECT flag.
     let path_cache = disk.cache.or(Some(CacheMode::Writeback));
     let mut below: Option<Box<dyn Layer>> = None;
@@ -235,11 +335,30 @@ fn open_chain(disk: &DiskConfig) -> Result<Box<dyn Layer>, DiskError> {
             FileSpec::Path(_) => path_cache,
             FileSpec::Fd(_) | FileSpec::FdSet(_) => None,
         };
-        let file = open_file(&layer.file, &role, false, cache)?;
-        below = Some(open_layer(&layer.file, layer.format, file, below.take())?);
+        let (file, info) = open_file(&layer.file, &role, false, cache, source, opened)?;
+        let opened = open_layer(&layer.file, layer.format, file, below.take())?;
+        chain.push(LayerInfo {
+            format: opened.format(),
+            ..info
+        });
+        below = Some(opened);
     }
-    let file = open_file(&disk.image, "image", !disk.read_only, disk.cache)?;
-    open_layer(&disk.image, disk.format, file, below)
+    *backing_size = below.as_ref().map(|b| b.virtual_size());
+    let (file, info) = open_file(
+        &disk.image,
+        "image",
+        !disk.read_only,
+        disk.cache,
+        source,
+        opened,
+    )?;
+    let top = open_layer(&disk.image, disk.format, file, below)?;
+    chain.push(LayerInfo {
+        format: top.format(),
+        ..info
+    });
+    chain.reverse();
+    Ok(top)
 }
 
 fn open_file(
@@ -247,21 +366,60 @@ fn open_file(
     role: &str,
     writable: bool,
     cache: Option<CacheMode>,
-) -> Result<ImageFile, DiskError> {
-    let (fd, direct, nonblock) = open_image(spec, writable, cache)?;
-    ImageFile::new(
-        fd,
+    source: &mut dyn FdSource,
+    opened: &mut Vec<(RawFd, Option<Hold>)>,
+) -> Result<(ImageFile, LayerInfo), DiskError> {
+    let want_direct = cache.map(|c| c == CacheMode::None);
+    let need = ImageAccess {
+        writable,
+        direct: want_direct,
+    };
+    let resolved = match spec {
+        FileSpec::Path(path) if source.paths_allowed() => ResolvedFd {
+            fd: open_path(path, writable, want_direct.unwrap_or(false))?,
+            hold: None,
+            fdset: None,
+            opaque: None,
+        },
+        _ => source.resolve(spec, need)?,
+    };
+    let fd_err = |source| DiskError::Fd {
+        spec: spec.clone(),
+        source,
+    };
+    // Same checks for every fd, whatever its origin: a directory, a socket, a wrong access
+    // mode or O_APPEND is refused with the fd named.
+    let status = FdStatus::of(resolved.fd.as_fd()).map_err(fd_err)?;
+    let need = ImageAccess {
+        writable,
+        direct: match spec {
+            FileSpec::Path(_) => Some(want_direct.unwrap_or(false)),
+            _ => want_direct,
+        },
+    };
+    check_image_fd(&status, need).map_err(fd_err)?;
+    opened.push((resolved.fd.as_raw_fd(), resolved.hold));
+    let info = LayerInfo {
+        file: spec.to_string(),
+        format: Format::Raw,
+        read_only: !writable,
+        fdset: resolved.fdset,
+        opaque: resolved.opaque,
+    };
+    let file = ImageFile::new(
+        resolved.fd,
         ImageFileOptions {
             role: role.to_string(),
             writable,
-            direct,
-            nonblock,
+            direct: status.direct,
+            nonblock: status.nonblock,
         },
     )
     .map_err(|source| DiskError::Open {
         spec: spec.clone(),
         source,
-    })
+    })?;
+    Ok((file, info))
 }
 
 fn open_layer(
@@ -285,72 +443,35 @@ fn open_layer(
     })
 }
 
-/// Opens or adopts the image fd; returns it with its O_DIRECT and O_NONBLOCK flags.
-fn open_image(
-    spec: &FileSpec,
-    writable: bool,
-    cache: Option<CacheMode>,
-) -> Result<(OwnedFd, bool, bool), DiskError> {
-    let want_direct = cache.map(|c| c == CacheMode::None);
-    match spec {
-        FileSpec::Fd(fd) => {
-            let fd = *fd;
-            let fd_err = |source| DiskError::Fd {
-                spec: spec.clone(),
-                source,
-            };
-            let status = FdStatus::of_raw(fd).map_err(fd_err)?;
-            check_image_fd(
-                &status,
-                ImageAccess {
-                    writable,
-                    direct: want_direct,
-                },
-            )
-            .map_err(fd_err)?;
-            // Inherited fds lack close-on-exec; vublk never execs, but a leak is a leak.
-            // FD_CLOEXEC is per descriptor, so the manager's copy is unaffected.
-            // SAFETY: `fd` was just inspected and is open; F_SETFD touches no memory.
-            let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-            fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
-                .map_err(|source| fd_err(FdError::Inspect { fd, source }))?;
-            // SAFETY: the manager handed this fd to vublk for its exclusive use as the image;
-            // it is open (checked above) and nothing else in this process owns it, so taking
-            // ownership once here is sound.
-            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-            Ok((owned, status.direct, status.nonblock))
-        }
-        FileSpec::Path(path) => {
-            let direct = want_direct.unwrap_or(false);
-            let mut options = OpenOptions::new();
-            options.read(true).write(writable);
-            if direct {
-                options.custom_flags(libc::O_DIRECT);
-            }
-            let file = options.open(path).map_err(|source| DiskError::Path {
-                path: path.clone(),
-                source,
-            })?;
-            let owned = OwnedFd::from(file);
-            // Same checks as for an fd: a directory or a socket path is refused clearly.
-            let status =
-                FdStatus::of(std::os::fd::AsFd::as_fd(&owned)).map_err(|source| DiskError::Fd {
-                    spec: spec.clone(),
-                    source,
-                })?;
-            check_image_fd(
-                &status,
-                ImageAccess {
-                    writable,
-                    direct: Some(direct),
-                },
-            )
-            .map_err(|source| DiskError::Fd {
-                spec: spec.clone(),
-                source,
-            })?;
-            Ok((owned, direct, false))
-        }
-        FileSpec::FdSet(_) => Err(DiskError::FdSetUnsupported { spec: spec.clone() }),
+/// Takes ownership of an fd the manager passed on the command line, after checking it is
+/// open; close-on-exec is set on it (vublk never execs, but a leak is a leak).
+pub fn adopt_inherited(spec: &FileSpec, fd: RawFd) -> Result<OwnedFd, DiskError> {
+    let fd_err = |source| DiskError::Fd {
+        spec: spec.clone(),
+        source,
+    };
+    FdStatus::of_raw(fd).map_err(fd_err)?;
+    // SAFETY: `fd` was just inspected and is open; F_SETFD touches no memory. FD_CLOEXEC is
+    // per descriptor, so the manager's copy is unaffected.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
+        .map_err(|source| fd_err(FdError::Inspect { fd, source }))?;
+    // SAFETY: the manager handed this fd to vublk for its exclusive use as the image; it is
+    // open (checked above) and nothing else in this process owns it (each `fd:N` is taken
+    // once: the config refuses a number used twice), so taking ownership once is sound.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens a path during setup (for trying vublk by hand).
+fn open_path(path: &std::path::Path, writable: bool, direct: bool) -> Result<OwnedFd, DiskError> {
+    let mut options = OpenOptions::new();
+    options.read(true).write(writable);
+    if direct {
+        options.custom_flags(libc::O_DIRECT);
     }
+    let file = options.open(path).map_err(|source| DiskError::Path {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(OwnedFd::from(file))
 }

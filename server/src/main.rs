@@ -4,10 +4,15 @@
 mod args;
 mod capabilities;
 mod config;
+mod control;
+mod device;
 mod disk;
 mod engine;
+mod events;
+mod fds;
 mod probe;
 mod serve;
+mod stats;
 mod updater;
 mod vhost_user;
 mod virtio_blk;

@@ -68,7 +68,12 @@ pub struct Updater {
 }
 
 impl Updater {
-    pub fn spawn(layer: Arc<dyn Layer>) -> std::io::Result<Updater> {
+    /// `on_corrupt` is told when an update finds the image inconsistent (it is then marked
+    /// corrupt and served read-only).
+    pub fn spawn(
+        layer: Arc<dyn Layer>,
+        on_corrupt: crate::disk::CorruptionHook,
+    ) -> std::io::Result<Updater> {
         let (tx, rx) = channel::<(UpdateJob, Reply)>();
         let thread = std::thread::Builder::new()
             .name("vublk-meta".into())
@@ -84,7 +89,7 @@ impl Updater {
                             Err(_) => break,
                         }
                     }
-                    run_batch(layer.as_ref(), &storage, batch);
+                    run_batch(layer.as_ref(), &storage, batch, &on_corrupt);
                 }
                 if let Err(e) = layer.close(&storage) {
                     log::error!("closing the image: {}", error_chain(&e));
@@ -136,7 +141,12 @@ impl Drop for Updater {
 const MAX_BATCH_JOBS: usize = 64;
 
 /// Runs `batch` through the layer and replies to each job.
-fn run_batch(layer: &dyn Layer, storage: &FileStorage<'_>, batch: Vec<(UpdateJob, Reply)>) {
+fn run_batch(
+    layer: &dyn Layer,
+    storage: &FileStorage<'_>,
+    batch: Vec<(UpdateJob, Reply)>,
+    on_corrupt: &crate::disk::CorruptionHook,
+) {
     let mut updates = Vec::new();
     // Which updates belong to which job.
     let mut spans = Vec::with_capacity(batch.len());
@@ -170,6 +180,9 @@ fn run_batch(layer: &dyn Layer, storage: &FileStorage<'_>, batch: Vec<(UpdateJob
         for result in results.get(span.clone()).unwrap_or_default() {
             if let Err(e) = result {
                 log::warn!("{}", error_chain(e));
+                if matches!(e, vublk_formats::UpdateError::Corrupt { .. }) {
+                    on_corrupt(e.to_string());
+                }
                 all = false;
             }
         }
@@ -181,7 +194,8 @@ fn run_batch(layer: &dyn Layer, storage: &FileStorage<'_>, batch: Vec<(UpdateJob
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error and its causes as one line (for logs and control-socket replies).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

@@ -9,7 +9,8 @@
 # a report of the disk's in-flight requests every 30 s (see watchdog below).
 #
 # Kernel command line parameters (all optional except vublk.job):
-#   vublk.job=write|verify|info
+#   vublk.job=write|verify|info|checksum|watch
+#   vublk.changes=2        watch: how many changes of size or contents to wait for
 #   vublk.size=32M         bytes of /dev/vda the fio job covers (from vublk.offset)
 #   vublk.offset=0         where the fio job starts on /dev/vda
 #   vublk.seed=1           fio --randseed; a `verify` must use the `write` run's values
@@ -89,6 +90,7 @@ seed=1
 ioengine=libaio
 iodepth=8
 bssplit=4k/55:16k/20:64k/15:256k/5:1m/5
+changes=2
 bad_param=
 # Word splitting of /proc/cmdline is intended: one kernel parameter per word.
 # shellcheck disable=SC2013
@@ -101,6 +103,7 @@ for word in $(cat /proc/cmdline); do
 	vublk.ioengine=*) ioengine=${word#*=} ;;
 	vublk.iodepth=*) iodepth=${word#*=} ;;
 	vublk.bssplit=*) bssplit=${word#*=} ;;
+	vublk.changes=*) changes=${word#*=} ;;
 	vublk.*) bad_param=$word ;;
 	esac
 done
@@ -171,6 +174,30 @@ checksum)
 	# prints their md5, for the host to compare with its own oracle.
 	sum=$(head -c "$size" /dev/vda | md5sum) || finish FAIL reason=read
 	finish PASS "md5=${sum%% *}"
+	;;
+watch)
+	# Reports the disk's size (sectors) and its first 16 bytes, read with O_DIRECT so the page
+	# cache cannot answer, whenever either changes (the host resizes or swaps the medium
+	# meanwhile); passes once it has seen vublk.changes changes, fails after 90 s.
+	last=
+	seen=0
+	polls=0
+	while [ "$polls" -lt 450 ]; do
+		now="size=$(cat /sys/block/vda/size) head=$(dd if=/dev/vda bs=4096 count=1 iflag=direct 2>/dev/null | head -c 16 | od -An -tx1 | tr -d ' \n')"
+		if [ "$now" != "$last" ]; then
+			echo "VUBLK-E2E-INFO watch $now"
+			if [ -n "$last" ]; then
+				seen=$((seen + 1))
+			fi
+			last=$now
+			if [ "$seen" -ge "$changes" ]; then
+				finish PASS "changes=$seen"
+			fi
+		fi
+		polls=$((polls + 1))
+		usleep 200000
+	done
+	finish FAIL reason=timeout "changes=$seen"
 	;;
 info)
 	q=/sys/block/vda/queue

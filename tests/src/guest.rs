@@ -241,6 +241,10 @@ pub enum Job {
     /// Reads the first `bytes` bytes of the disk and reports their md5 as `md5=` on the result
     /// line (works on a read-only disk).
     Checksum { bytes: u64 },
+    /// Prints `INFO watch size=SECTORS head=HEX` at start and whenever the disk's size or its
+    /// first 16 bytes change (the host resizes or swaps the medium meanwhile); passes after
+    /// `changes` changes.
+    Watch { changes: u32 },
 }
 
 impl Job {
@@ -251,6 +255,7 @@ impl Job {
             Job::Verify(_) => "verify",
             Job::Info => "info",
             Job::Checksum { .. } => "checksum",
+            Job::Watch { .. } => "watch",
         }
     }
 
@@ -260,6 +265,7 @@ impl Job {
             Job::Write(fio) | Job::Verify(fio) => params.extend(fio.kernel_params()),
             Job::Info => {}
             Job::Checksum { bytes } => params.push(format!("vublk.size={bytes}")),
+            Job::Watch { changes } => params.push(format!("vublk.changes={changes}")),
         }
         params
     }

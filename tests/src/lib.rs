@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod guest;
 pub mod hostile;
 pub mod images;
+pub mod qmp;
 pub mod vring;
 
 /// Defines `mod <scenario> { fn vublk(); fn qsd(); }` tests calling `<scenario>(kind)`, so one

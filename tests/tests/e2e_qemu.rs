@@ -553,3 +553,94 @@ fn vublk_killed_during_guest_qcow2_writes_leaves_no_corruption() -> Result<()> {
     );
     Ok(())
 }
+
+/// Waits until the guest's console has a `watch` line containing `want`.
+fn wait_for_watch(guest: &Guest, want: &str, timeout: std::time::Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let console = guest.console_so_far();
+        if console
+            .lines()
+            .any(|l| l.contains("VUBLK-E2E-INFO watch") && l.contains(want))
+        {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the guest never reported '{want}'; console:\n{}",
+            vublk_tests::guest::tail(&console, 30)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// The manager resizes the disk and then swaps the medium (for a qcow2 overlay over a raw base,
+/// both passed as fd sets over the control socket by qemu.qmp) while a real guest runs: the
+/// guest's virtio-blk driver sees the new size without a reboot (vublk's config-change
+/// notification over the backend channel) and reads the new medium's contents.
+#[test]
+fn vublk_guest_sees_resize_and_medium_change_without_reboot() -> Result<()> {
+    use serde_json::json;
+    use vublk_tests::qmp::{FdMode, QmpClient};
+    let _guard = guest_lock();
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let first = d.join("first.raw");
+    std::fs::write(&first, vec![0xa1u8; 32 << 20])?;
+    let (top, base) = overlay_over_raw_base(d)?;
+    host(
+        std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write -P 0xb2 0 64k"])
+            .arg(&top),
+    )?;
+    let socket = d.join("vhost-user-blk.sock");
+    let control = d.join("qmp.sock");
+    let mut cmd = std::process::Command::new(vublk_tests::daemon::vublk_bin());
+    cmd.arg("serve")
+        .arg("--image")
+        .arg(&first)
+        .args(["--format", "raw", "--socket-path"])
+        .arg(&socket)
+        .arg("--control")
+        .arg(&control);
+    let daemon = Daemon::spawn(BackendKind::Vublk, &mut cmd, &socket)?;
+    let mut qmp = QmpClient::connect(&control)?;
+    let mut opts = GuestOptions::new(&socket, Job::Watch { changes: 2 });
+    opts.diagnose = vec![("vublk".into(), daemon.pid())];
+    opts.console_log = Some(console_log("media", "watch")?);
+    let guest = Guest::spawn(&opts)?;
+    let wait = std::time::Duration::from_secs(90);
+    wait_for_watch(
+        &guest,
+        &format!("size={} head={}", (32 << 20) / 512, "a1".repeat(16)),
+        wait,
+    )?;
+
+    qmp.ok("block_resize", json!({"device": "disk0", "size": 48 << 20}))?;
+    wait_for_watch(&guest, &format!("size={}", (48 << 20) / 512), wait)?;
+
+    qmp.add_fd(1, &top, FdMode::ReadWrite, "top")?;
+    qmp.add_fd(2, &base, FdMode::ReadOnly, "base")?;
+    qmp.ok(
+        "blockdev-change-medium",
+        json!({"id": "disk0", "filename": "/dev/fdset/1", "format": "qcow2",
+               "backing": [{"filename": "/dev/fdset/2", "format": "raw"}]}),
+    )?;
+    let out = guest.wait()?;
+    out.expect_pass()?;
+    let console = out.console.clone();
+    ensure!(
+        console.contains(&format!(
+            "size={} head={}",
+            IMAGE_SIZE / 512,
+            "b2".repeat(16)
+        )),
+        "the guest did not see the new medium:\n{}",
+        vublk_tests::guest::tail(&console, 30)
+    );
+    let status = daemon.terminate()?;
+    ensure!(status.success(), "vublk exited with {status}");
+    let (code, report) = qemu_img_check(&top)?;
+    ensure!(code == 0, "qemu-img check exit {code}:\n{report}");
+    Ok(())
+}

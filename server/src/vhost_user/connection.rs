@@ -21,9 +21,11 @@ use vhost::vhost_user::BackendReqHandler;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vublk_fdset::{check_socket_fd, FdError, FdStatus};
 
+use super::backend_channel::{peek_backend_req_fd, BackendChannel};
 use super::handler::BlkHandler;
 use crate::config::VhostUserSocket;
-use crate::disk::Disk;
+use crate::device::{ConnectionInfo, Device};
+use crate::events::Event;
 
 /// Backoff between attempts to connect to a VMM that is not listening (yet).
 const RECONNECT_MIN: Duration = Duration::from_millis(50);
@@ -176,7 +178,42 @@ impl Shutdown {
         }
     }
 
-    fn requested(&self) -> bool {
+    /// Waits for SIGTERM/SIGINT on `signals` (returns its number) or a shutdown request from
+    /// another thread (`quit` on the control socket; returns `None`).
+    pub fn wait_for_signal_or_request(
+        &self,
+        signals: &nix::sys::signalfd::SignalFd,
+    ) -> Option<u32> {
+        loop {
+            if self.requested() {
+                return None;
+            }
+            let mut fds = [
+                PollFd::new(signals.as_fd(), PollFlags::POLLIN),
+                PollFd::new(evt_fd(&self.inner.evt), PollFlags::POLLIN),
+            ];
+            let _ = poll(&mut fds, PollTimeout::NONE);
+            if self.requested() {
+                return None;
+            }
+            match signals.read_signal() {
+                Ok(Some(info)) => return Some(info.ssi_signo),
+                Ok(None) => {}
+                Err(nix::Error::EINTR) | Err(nix::Error::EAGAIN) => {}
+                Err(e) => {
+                    log::error!("reading the signalfd failed: {e}");
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Readable once shutdown is requested (for other threads' poll loops).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        evt_fd(&self.inner.evt)
+    }
+
+    pub fn requested(&self) -> bool {
         *self
             .inner
             .requested
@@ -204,7 +241,7 @@ impl Shutdown {
 }
 
 /// Serves frontends from `endpoint` one at a time until shutdown is requested.
-pub fn serve(endpoint: Endpoint, disk: &Arc<Disk>, shutdown: &Shutdown) {
+pub fn serve(endpoint: Endpoint, device: &Arc<Device>, shutdown: &Shutdown) {
     match endpoint {
         Endpoint::Listener(listener, bound) => {
             if let Err(e) = listener.set_nonblocking(true) {
@@ -212,7 +249,7 @@ pub fn serve(endpoint: Endpoint, disk: &Arc<Disk>, shutdown: &Shutdown) {
             }
             while shutdown.wait_readable(listener.as_fd(), None) {
                 match listener.accept() {
-                    Ok((stream, _)) => serve_one(stream, disk, shutdown),
+                    Ok((stream, _)) => serve_one(stream, device, shutdown),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => log::warn!("vhost-user accept failed: {e}"),
                 }
@@ -223,7 +260,7 @@ pub fn serve(endpoint: Endpoint, disk: &Arc<Disk>, shutdown: &Shutdown) {
         }
         Endpoint::Connected(mut stream) => {
             if let Some(stream) = stream.take() {
-                serve_one(stream, disk, shutdown);
+                serve_one(stream, device, shutdown);
             }
             log::warn!("the inherited vhost-user connection ended; waiting for SIGTERM");
             let _ = shutdown.wait_readable(evt_fd(&shutdown.inner.evt), None);
@@ -234,7 +271,7 @@ pub fn serve(endpoint: Endpoint, disk: &Arc<Disk>, shutdown: &Shutdown) {
                 match UnixStream::connect(&path) {
                     Ok(stream) => {
                         let started = std::time::Instant::now();
-                        serve_one(stream, disk, shutdown);
+                        serve_one(stream, device, shutdown);
                         if started.elapsed() < RECONNECT_MAX {
                             // The connection ended at once (a failing VMM, or vublk could not
                             // serve it): back off instead of spinning.
@@ -266,13 +303,13 @@ fn remove_own_socket(path: &Path, ino: u64) {
 }
 
 /// Serves one frontend until it disconnects or shutdown is requested.
-fn serve_one(stream: UnixStream, disk: &Arc<Disk>, shutdown: &Shutdown) {
+fn serve_one(stream: UnixStream, device: &Arc<Device>, shutdown: &Shutdown) {
     let peer = stream.as_raw_fd();
     if let Err(e) = stream.set_nonblocking(false) {
         log::warn!("vhost-user connection: cannot make it blocking: {e}");
         return;
     }
-    let handler = match BlkHandler::new(Arc::clone(disk)) {
+    let handler = match BlkHandler::new(Arc::clone(device)) {
         Ok(h) => Arc::new(Mutex::new(h)),
         Err(e) => {
             log::error!("cannot serve a vhost-user connection: {e}");
@@ -283,9 +320,42 @@ fn serve_one(stream: UnixStream, disk: &Arc<Disk>, shutdown: &Shutdown) {
     if shutdown.requested() {
         let _ = stream.shutdown(std::net::Shutdown::Both);
     }
-    log::info!("vhost-user frontend connected (fd {peer})");
+    let creds = getsockopt(&stream, sockopt::PeerCredentials).ok();
+    log::info!(
+        "vhost-user frontend connected (fd {peer}, pid {:?}, uid {:?})",
+        creds.map(|c| c.pid()),
+        creds.map(|c| c.uid())
+    );
+    device.set_connection(Some(ConnectionInfo {
+        peer_pid: creds.map(|c| c.pid()),
+        peer_uid: creds.map(|c| c.uid()),
+        ..ConnectionInfo::default()
+    }));
+    device.events().emit(Event::VhostUserConnected {
+        device: device.id().to_string(),
+    });
+    let peek = stream.try_clone();
     let mut requests = BackendReqHandler::from_stream(stream, Arc::clone(&handler));
     loop {
+        // The vhost crate keeps SET_BACKEND_REQ_FD's fd to itself; look first and keep a copy.
+        if let Ok(peek) = &peek {
+            match peek_backend_req_fd(peek.as_fd()) {
+                Ok(Some(fd)) => {
+                    let (reply_ack, usable) = {
+                        let h = handler.lock().unwrap_or_else(|e| e.into_inner());
+                        (h.reply_ack(), h.config_change_negotiated())
+                    };
+                    if usable {
+                        match BackendChannel::new(fd, reply_ack) {
+                            Ok(channel) => device.set_channel(Some(channel)),
+                            Err(e) => log::warn!("vhost-user backend channel unusable: {e}"),
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => log::debug!("vhost-user: cannot peek at the next message: {e}"),
+            }
+        }
         match requests.handle_request() {
             Ok(()) => {}
             Err(vhost::vhost_user::Error::Disconnected)
@@ -305,7 +375,12 @@ fn serve_one(stream: UnixStream, disk: &Arc<Disk>, shutdown: &Shutdown) {
     }
     drop(requests);
     shutdown.set_current(None);
+    device.set_channel(None);
     handler.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
+    device.set_connection(None);
+    device.events().emit(Event::VhostUserDisconnected {
+        device: device.id().to_string(),
+    });
 }
 
 fn evt_fd(evt: &EventFd) -> BorrowedFd<'_> {

@@ -23,7 +23,7 @@ use vm_memory::{
     GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
 };
 
-use crate::disk::Disk;
+use crate::device::{ConnectionInfo, Device};
 use crate::virtio_blk::feature::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_RING_F_EVENT_IDX};
 use crate::worker::{self, QueueShared, Vring};
 
@@ -33,6 +33,7 @@ pub const MAX_MEM_SLOTS: u64 = 509;
 /// Protocol features vublk offers.
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::BACKEND_REQ
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
@@ -48,7 +49,7 @@ struct AddrMapping {
 
 /// The device's side of one vhost-user connection.
 pub struct BlkHandler {
-    disk: Arc<Disk>,
+    device: Arc<Device>,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     mappings: Vec<AddrMapping>,
     acked_features: u64,
@@ -64,13 +65,13 @@ fn invalid(reason: &str) -> VuError {
 
 impl BlkHandler {
     /// Creates the handler and starts one worker per queue.
-    pub fn new(disk: Arc<Disk>) -> Result<BlkHandler, crate::engine::EngineError> {
+    pub fn new(device: Arc<Device>) -> Result<BlkHandler, crate::engine::EngineError> {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let params = *disk.params();
+        let params = *device.params();
         // Built up queue by queue: if one fails, dropping the handler stops the workers
         // already started.
         let mut handler = BlkHandler {
-            disk: Arc::clone(&disk),
+            device: Arc::clone(&device),
             mem: mem.clone(),
             mappings: Vec::new(),
             acked_features: 0,
@@ -93,8 +94,10 @@ impl BlkHandler {
                     source,
                 }
             })?;
-            let worker = worker::spawn(Arc::clone(&shared), Arc::clone(&disk), mem.clone())?;
-            handler.queues.push(shared);
+            // Attached before the worker starts, so a medium change pauses it from the start.
+            device.attach_queue(&shared);
+            handler.queues.push(Arc::clone(&shared));
+            let worker = worker::spawn(shared, Arc::clone(&device), mem.clone())?;
             handler.workers.push(worker);
         }
         Ok(handler)
@@ -110,10 +113,32 @@ impl BlkHandler {
                 log::error!("a queue worker panicked");
             }
         }
+        for queue in &self.queues {
+            self.device.detach_queue(queue);
+        }
+    }
+
+    /// Whether REPLY_ACK was negotiated (the backend channel then expects replies).
+    pub fn reply_ack(&self) -> bool {
+        self.acked_protocol_features & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0
+    }
+
+    /// Whether the frontend can be told of config changes: BACKEND_REQ and CONFIG negotiated.
+    pub fn config_change_negotiated(&self) -> bool {
+        let want =
+            (VhostUserProtocolFeatures::BACKEND_REQ | VhostUserProtocolFeatures::CONFIG).bits();
+        self.acked_protocol_features & want == want
+    }
+
+    fn publish_connection(&self) {
+        let mut info = self.device.connection().unwrap_or_default();
+        info.features = self.acked_features;
+        info.protocol_features = self.acked_protocol_features;
+        self.device.set_connection(Some(ConnectionInfo { ..info }));
     }
 
     fn offered_features(&self) -> u64 {
-        self.disk.params().features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        self.device.params().features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
     fn queue(&self, index: u32) -> VuResult<&Arc<QueueShared>> {
@@ -199,6 +224,7 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
             return Err(invalid("driver acked features the device did not offer"));
         }
         self.acked_features = features;
+        self.publish_connection();
         let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         // Without PROTOCOL_FEATURES, rings start enabled (vhost-user spec, "Ring states").
         let enabled = !self.protocol_acked();
@@ -239,7 +265,7 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
     }
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
-        let max = u32::from(self.disk.params().queue_size);
+        let max = u32::from(self.device.params().queue_size);
         if num == 0 || num > max || !num.is_power_of_two() {
             return Err(invalid(
                 "vring size is not a power of two within the queue size",
@@ -331,11 +357,12 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
             ));
         }
         self.acked_protocol_features = features;
+        self.publish_connection();
         Ok(())
     }
 
     fn get_queue_num(&mut self) -> VuResult<u64> {
-        Ok(u64::from(self.disk.params().num_queues))
+        Ok(u64::from(self.device.params().num_queues))
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
@@ -356,7 +383,7 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
         size: u32,
         _flags: VhostUserConfigFlags,
     ) -> VuResult<Vec<u8>> {
-        self.disk
+        self.device
             .config()
             .read(offset, size)
             .ok_or_else(|| invalid("config space read out of range"))
@@ -369,8 +396,13 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
         _flags: VhostUserConfigFlags,
     ) -> VuResult<()> {
         let wce = self.acked_features & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0;
-        self.disk.write_config(offset, buf, wce);
+        self.device.write_config(offset, buf, wce);
         Ok(())
+    }
+
+    fn set_backend_req_fd(&mut self, _backend: vhost::vhost_user::Backend) {
+        // The crate's `Backend` cannot send config-change messages; the connection loop
+        // peeked this message and keeps its own copy of the channel (see backend_channel.rs).
     }
 
     fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VuResult<()> {

@@ -6,5 +6,6 @@
 //! already-connected socket, send config-change messages or track inflight descriptors,
 //! all of which vublk needs. Its `VringMutex` holds each queue's vring state.
 
+pub mod backend_channel;
 pub mod connection;
 pub mod handler;

@@ -114,6 +114,8 @@ pub struct Rejection {
     pub reason: RejectReason,
     /// Where to write the status, if a status byte exists.
     pub status: Option<GuestAddress>,
+    /// The request type, once the header was read (for accounting).
+    pub req_type: Option<u32>,
 }
 
 /// How a refused request is completed.
@@ -176,6 +178,7 @@ pub fn parse<M: GuestMemoryBackend>(
     let no_status = |reason| Rejection {
         reason,
         status: None,
+        req_type: None,
     };
     if truncated {
         return Err(no_status(RejectReason::MalformedChain));
@@ -193,6 +196,7 @@ pub fn parse<M: GuestMemoryBackend>(
     let fail = |reason| Rejection {
         reason,
         status: Some(status),
+        req_type: None,
     };
 
     // Split into readable and writable parts; readable must all come first (2.7.4.2).
@@ -225,6 +229,11 @@ pub fn parse<M: GuestMemoryBackend>(
     let sector = u64::from_le_bytes([
         hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
     ]);
+    let fail = |reason| Rejection {
+        reason,
+        status: Some(status),
+        req_type: Some(req_type),
+    };
 
     let op = match req_type {
         VIRTIO_BLK_T_IN => {

@@ -22,8 +22,11 @@ use vublk_formats::{decompress_cluster, ImageFileOptions, MapError, MapKind, Pie
 
 use crate::updater::UpdateJob;
 
+use crate::device::Device;
 use crate::disk::Disk;
 use crate::engine::{EngineError, QueueRing};
+use crate::events::{Event, IoOperation};
+use crate::stats::AcctKind;
 use crate::virtio_blk::request::{self, Descriptor, DiskRange, Op, Outcome, Request, Segment};
 use crate::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use ops::{classify, AlignedBuf, InFlight, IoOp, Next, OpKind, ReadPurpose};
@@ -47,6 +50,10 @@ const TAG_MASK: u64 = 0xff00_0000_0000_0000;
 const TAG_WAKE: u64 = 0xf100_0000_0000_0000;
 const TAG_KICK: u64 = 0xf200_0000_0000_0000;
 const TAG_CANCEL: u64 = 0xf300_0000_0000_0000;
+/// Fixed-file slots for image files: the image and the deepest backing chain. A medium
+/// change installs the new chain's fds in these slots; unused ones are empty.
+const IMAGE_SLOTS: u32 = 17;
+const _: () = assert!(IMAGE_SLOTS as usize == crate::config::MAX_BACKING_DEPTH + 1);
 /// Fixed-file slots after the image files: the wake eventfd, then the kick eventfd.
 const EXTRA_SLOTS: u32 = 2;
 /// Times one request may ask for a table it already loaded (another queue's loads evicted it
@@ -72,6 +79,8 @@ struct Control {
     /// Incremented by each stop request; the worker echoes it in `stopped` once drained.
     stop_requested: u64,
     stopped: u64,
+    /// Medium changes in progress: while non-zero the worker pops nothing.
+    paused: u32,
     exit: bool,
 }
 
@@ -133,6 +142,25 @@ impl QueueShared {
         }
     }
 
+    /// Stops popping requests and returns once every request already popped has completed;
+    /// the queue stays stopped until [`resume`](Self::resume) (a medium change).
+    pub fn pause(&self) {
+        self.control
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .paused += 1;
+        self.stop_and_drain();
+    }
+
+    /// Ends a [`pause`](Self::pause).
+    pub fn resume(&self) {
+        {
+            let mut c = self.control.lock().unwrap_or_else(|e| e.into_inner());
+            c.paused = c.paused.saturating_sub(1);
+        }
+        self.poke();
+    }
+
     /// Asks the worker to drain and exit.
     pub fn request_exit(&self) {
         self.control.lock().unwrap_or_else(|e| e.into_inner()).exit = true;
@@ -173,24 +201,30 @@ impl Drop for ExitGuard {
 /// Starts the worker thread for `shared`.
 pub fn spawn(
     shared: Arc<QueueShared>,
-    disk: Arc<Disk>,
+    device: Arc<Device>,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
 ) -> Result<JoinHandle<()>, EngineError> {
     let queue = shared.index;
-    let queue_size = u32::from(disk.params().queue_size);
+    let queue_size = u32::from(device.params().queue_size);
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
     let handle = std::thread::Builder::new()
         .name(format!("vublk-q{queue}"))
         .spawn(move || {
+            // From the first instruction: however this thread ends, a handler waiting for the
+            // queue to drain is released.
+            let _guard = ExitGuard(Arc::clone(&shared));
             // The ring is created on the thread that submits to it: with SINGLE_ISSUER the
             // kernel binds it to the task that enables it. Each request has at most one op
             // per piece; twice the queue size leaves room, and the backlog absorbs the rest.
+            let (disk, generation) = device.disk();
             let files = disk.raw_fds();
-            let wake_slot = u32::try_from(files.len()).unwrap_or(u32::MAX);
+            let mut table: Vec<RawFd> = files.clone();
+            table.resize(IMAGE_SLOTS as usize, -1);
+            let wake_slot = IMAGE_SLOTS;
             let setup = QueueRing::new(
                 queue,
                 (queue_size * 2 + 4).next_power_of_two(),
-                &files,
+                &table,
                 EXTRA_SLOTS,
             )
             .and_then(|ring| {
@@ -217,6 +251,8 @@ pub fn spawn(
                 file_options: disk.file_options(),
                 raw_fds: files,
                 disk,
+                generation,
+                device,
                 mem,
                 ring,
                 wake_slot,
@@ -242,7 +278,6 @@ pub fn spawn(
                 updating: std::collections::HashMap::new(),
                 next_update_token: 0,
             };
-            let _guard = ExitGuard(Arc::clone(&worker.shared));
             worker.run();
         })
         .map_err(|source| EngineError::Setup {
@@ -277,7 +312,10 @@ enum Planned {
 
 struct Worker {
     shared: Arc<QueueShared>,
+    device: Arc<Device>,
+    /// The medium this worker serves, and the device generation it belongs to.
     disk: Arc<Disk>,
+    generation: u64,
     /// The disk's files' options and fds, indexed by `FileId`.
     file_options: Vec<ImageFileOptions>,
     raw_fds: Vec<RawFd>,
@@ -324,16 +362,23 @@ impl Worker {
         log::debug!("queue {q}: worker started");
         self.arm_wake();
         loop {
-            let (stop_requested, stopped, exit) = {
+            let (stop_requested, stopped, paused, exit) = {
                 let c = self
                     .shared
                     .control
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
-                (c.stop_requested, c.stopped, c.exit)
+                (c.stop_requested, c.stopped, c.paused, c.exit)
             };
-            let stopping = stop_requested > stopped || exit;
-            if stopping && self.in_flight == 0 && self.deferred.is_empty() {
+            let idle = self.in_flight == 0 && self.deferred.is_empty();
+            if idle && self.device.generation() != self.generation {
+                self.take_medium();
+            }
+            let stopping = stop_requested > stopped
+                || exit
+                || paused > 0
+                || self.device.generation() != self.generation;
+            if stopping && idle {
                 let mut c = self
                     .shared
                     .control
@@ -369,6 +414,30 @@ impl Worker {
             self.notify_guest();
         }
         log::debug!("queue {q}: worker exited");
+    }
+
+    /// Switches to the device's current medium: its fds go into the ring's image slots. Only
+    /// called with nothing in flight, so no op refers to the old medium's files.
+    fn take_medium(&mut self) {
+        let (disk, generation) = self.device.disk();
+        let files = disk.raw_fds();
+        for slot in 0..IMAGE_SLOTS {
+            let fd = files.get(slot as usize).copied();
+            if let Err(e) = self.ring.set_file(slot, fd) {
+                log::error!(
+                    "queue {}: cannot install image fd in slot {slot}: {e}",
+                    self.shared.index
+                );
+            }
+        }
+        self.file_options = disk.file_options();
+        self.raw_fds = files;
+        self.disk = disk;
+        self.generation = generation;
+        log::debug!(
+            "queue {}: serving medium generation {generation}",
+            self.shared.index
+        );
     }
 
     /// The ring is set up, enabled and has a kick fd.
@@ -486,7 +555,7 @@ impl Worker {
     /// while busy saves the driver a notification per request.
     fn process_avail(&mut self) {
         let mem: Arc<GuestMemoryMmap> = self.mem.memory().into_inner();
-        let geo = self.disk.geometry();
+        let geo = self.device.geometry(&self.disk);
         loop {
             let Some(chains) = self.pop_chains(&mem) else {
                 return;
@@ -495,6 +564,7 @@ impl Worker {
                 match request::parse(&descs, truncated, mem.as_ref(), &geo) {
                     Ok(req) => self.start(head, req, &mem),
                     Err(rejection) => {
+                        self.account_invalid(rejection.req_type);
                         log::debug!(
                             "queue {}: request {head} rejected: {}",
                             self.shared.index,
@@ -642,6 +712,7 @@ impl Worker {
             loaded: std::collections::HashSet::new(),
             repeated_loads: 0,
             buffer_bytes: 0,
+            started: std::time::Instant::now(),
         };
         self.launch(inflight);
     }
@@ -765,7 +836,7 @@ impl Worker {
             }
             Some(Op::WriteZeroes { ranges, unmap }) => UpdateJob::WriteZeroes {
                 ranges: ranges.iter().map(|r| (r.offset, r.len)).collect(),
-                unmap: *unmap && self.disk.params().discard,
+                unmap: *unmap && self.device.params().discard,
             },
             Some(Op::Discard { ranges }) => UpdateJob::Discard {
                 ranges: ranges.iter().map(|r| (r.offset, r.len)).collect(),
@@ -848,6 +919,7 @@ impl Worker {
         } else {
             0
         };
+        self.account(&inflight, status == VIRTIO_BLK_S_OK);
         let mem = Arc::clone(&inflight.mem);
         self.complete_now(inflight.head, inflight.status_addr, status, written, &mem);
     }
@@ -859,6 +931,7 @@ impl Worker {
                 self.plan_rw(inflight, MapKind::Read, *range, data)
             }
             Op::Write { range, data } => self.plan_rw(inflight, MapKind::Write, *range, data),
+            Op::Flush if self.disk.is_empty() => Err(Planned::Failed),
             Op::Flush if self.disk.has_updater() => {
                 // The metadata thread keeps L2 entries in memory: it writes them, then syncs.
                 Err(Planned::NeedUpdate)
@@ -873,26 +946,104 @@ impl Worker {
                 Ok(())
             }
             Op::GetId { data } => {
-                inflight.written = write_serial(&inflight.mem, data, self.disk.serial());
+                inflight.written = write_serial(&inflight.mem, data, self.device.serial());
                 Ok(())
             }
             Op::Discard { ranges } => self.plan_fallocate(inflight, MapKind::Discard, ranges),
             Op::WriteZeroes { ranges, unmap } => {
-                let punch = *unmap && self.disk.params().discard;
+                let punch = *unmap && self.device.params().discard;
                 self.plan_fallocate(inflight, MapKind::WriteZeroes { unmap: punch }, ranges)
             }
+        }
+    }
+
+    /// Counts a request refused before any I/O, by its type when the header was readable.
+    fn account_invalid(&self, req_type: Option<u32>) {
+        use crate::virtio_blk::{
+            VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+            VIRTIO_BLK_T_WRITE_ZEROES,
+        };
+        let kind = match req_type {
+            Some(VIRTIO_BLK_T_IN) => AcctKind::Read,
+            Some(VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_WRITE_ZEROES) => AcctKind::Write,
+            Some(VIRTIO_BLK_T_FLUSH) => AcctKind::Flush,
+            Some(VIRTIO_BLK_T_DISCARD) => AcctKind::Unmap,
+            _ => return,
+        };
+        if let Some(stats) = self.device.stats().queue(self.shared.index) {
+            stats.invalid(kind);
+        }
+    }
+
+    /// Counts a finished request, and reports a failed read or write to the manager.
+    fn account(&self, inflight: &InFlight, ok: bool) {
+        let Some(op) = inflight.request.as_ref() else {
+            return;
+        };
+        let (kind, bytes, end) = match op {
+            Op::Read { range, .. } => (AcctKind::Read, range.len, 0),
+            Op::Write { range, .. } => (
+                AcctKind::Write,
+                range.len,
+                range.offset.saturating_add(range.len),
+            ),
+            Op::WriteZeroes { ranges, .. } => (
+                AcctKind::Write,
+                ranges.iter().map(|r| r.len).sum(),
+                ranges
+                    .iter()
+                    .map(|r| r.offset.saturating_add(r.len))
+                    .max()
+                    .unwrap_or(0),
+            ),
+            Op::Discard { ranges } => (AcctKind::Unmap, ranges.iter().map(|r| r.len).sum(), 0),
+            Op::Flush => (AcctKind::Flush, 0, 0),
+            Op::GetId { .. } => return,
+        };
+        if let Some(stats) = self.device.stats().queue(self.shared.index) {
+            stats.done(kind, bytes, ok, inflight.started.elapsed(), end);
+        }
+        if !ok && matches!(kind, AcctKind::Read | AcctKind::Write) {
+            self.device.events().emit(Event::BlockIoError {
+                device: self.device.id().to_string(),
+                node_name: self.device.id().to_string(),
+                operation: if kind == AcctKind::Read {
+                    IoOperation::Read
+                } else {
+                    IoOperation::Write
+                },
+                nospace: false,
+                reason: if self.disk.is_empty() {
+                    "No medium found".to_string()
+                } else {
+                    format!("I/O error on queue {}", self.shared.index)
+                },
+            });
         }
     }
 
     /// Maps a range with the disk's layer; tables the layer lacks become `NeedTables`.
     fn map(&mut self, kind: MapKind, offset: u64, len: u64) -> Result<(), Planned> {
         self.pieces.clear();
-        match self.disk.layer().map(kind, offset, len, &mut self.pieces) {
+        let Some(layer) = self.disk.layer() else {
+            return Err(Planned::Failed);
+        };
+        match layer.map(kind, offset, len, &mut self.pieces) {
             Ok(()) => Ok(()),
             Err(MapError::NeedTables(loads)) => Err(Planned::NeedTables(loads)),
             Err(MapError::NeedUpdate) => Err(Planned::NeedUpdate),
             Err(e) => {
                 log::warn!("queue {}: {e}", self.shared.index);
+                if let MapError::Corrupt(detail) = &e {
+                    // The request fails; the manager hears why (QEMU's non-fatal report of
+                    // an inconsistency found while reading).
+                    self.device.events().emit(Event::BlockImageCorrupted {
+                        device: self.device.id().to_string(),
+                        node_name: self.device.id().to_string(),
+                        msg: detail.clone(),
+                        fatal: false,
+                    });
+                }
                 Err(Planned::Failed)
             }
         }
@@ -1008,7 +1159,7 @@ impl Worker {
 
     /// Builds the SQE for op `idx` of `slot` in its current state and queues it.
     fn push_op(&mut self, slot: usize, idx: usize) {
-        let writethrough = !self.disk.writeback();
+        let writethrough = !self.device.writeback();
         let zero_ptr = self.zero_buffer_ptr();
         let Some(inflight) = self.slots.get(slot).and_then(Option::as_ref) else {
             return;
@@ -1069,7 +1220,7 @@ impl Worker {
         let slot = usize::try_from(user_data & SLOT_MASK).unwrap_or(usize::MAX);
         let idx = usize::try_from(user_data >> SLOT_BITS).unwrap_or(usize::MAX);
         let q = self.shared.index;
-        let writethrough = !self.disk.writeback();
+        let writethrough = !self.device.writeback();
         let Some(inflight) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
             log::error!("queue {q}: completion for unknown slot {slot}");
             return;
@@ -1167,7 +1318,10 @@ impl Worker {
                     };
                     let len = usize::try_from(load.len).unwrap_or(usize::MAX);
                     let result = match op.bounce.as_ref().and_then(|b| b.as_slice().get(..len)) {
-                        Some(bytes) => self.disk.layer().load_table(load, bytes),
+                        Some(bytes) => match self.disk.layer() {
+                            Some(layer) => layer.load_table(load, bytes),
+                            None => Err(MapError::Corrupt("no medium".into())),
+                        },
                         None => Err(MapError::Corrupt("short table buffer".into())),
                     };
                     if result.is_err() {

@@ -104,6 +104,8 @@ pub struct InFlight {
     pub repeated_loads: u32,
     /// Bytes of op buffers this request holds (counted against the queue's budget).
     pub buffer_bytes: u64,
+    /// When the request was popped, for latency accounting.
+    pub started: std::time::Instant,
 }
 
 /// What to do after a completion.
