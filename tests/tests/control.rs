@@ -642,3 +642,159 @@ fn a_broken_table_and_a_failed_read_are_reported_as_events() {
     assert_eq!(stats[0]["stats"]["failed_rd_operations"], 1, "{stats}");
     assert!(served.daemon.terminate().unwrap().success());
 }
+
+#[test]
+fn named_fds_oversized_input_reconnects_and_quit() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("first.raw");
+    raw_filled(&first, 4 * MIB, 0x10);
+    let mut served = serve(dir.path(), &first);
+    let mut qmp = QmpClient::connect(&served.control).unwrap();
+    qmp.execute_with_fd(
+        "getfd",
+        json!({"fdname": "spare"}),
+        Some((&first, FdMode::ReadOnly)),
+    )
+    .unwrap()
+    .unwrap();
+    // The same name again replaces (and closes) the first fd.
+    qmp.execute_with_fd(
+        "getfd",
+        json!({"fdname": "spare"}),
+        Some((&first, FdMode::ReadOnly)),
+    )
+    .unwrap()
+    .unwrap();
+    let e = qmp
+        .execute_with_fd(
+            "getfd",
+            json!({"fdname": "9lives"}),
+            Some((&first, FdMode::ReadOnly)),
+        )
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        e.1,
+        "Parameter 'fdname' expects a name not starting with a digit"
+    );
+    let e = qmp
+        .execute("getfd", json!({"fdname": "nofd"}))
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.1, "No file descriptor supplied via SCM_RIGHTS");
+    qmp.ok("closefd", json!({"fdname": "spare"})).unwrap();
+    let e = qmp
+        .execute("closefd", json!({"fdname": "spare"}))
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.1, "File descriptor named 'spare' not found");
+    qmp.add_fd(4, &first, FdMode::ReadOnly, "kept").unwrap();
+    drop(qmp);
+
+    // A control client going away closes nothing: a new one sees the set.
+    let mut raw = RawQmp::connect(&served.control).unwrap();
+    raw.send(br#"{"execute": "query-fdsets"}"#).unwrap();
+    let r = raw.reply().unwrap();
+    assert_eq!(r["return"][0]["fdset-id"], 4, "{r}");
+    assert_eq!(r["return"][0]["fds"][0]["opaque"], "kept", "{r}");
+    // An oversized command is refused, and the connection goes on.
+    let mut huge = br#"{"execute": "query-fdsets", "arguments": {"x": ""#.to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 2 << 20));
+    huge.extend_from_slice(b"\"}}\n");
+    raw.send(&huge).unwrap();
+    let r = raw.reply().unwrap();
+    assert_eq!(r["error"]["class"], "GenericError", "{r}");
+    raw.send(br#"{"execute": "query-fdsets", "id": 5}"#)
+        .unwrap();
+    let r = raw.reply().unwrap();
+    assert_eq!(r["id"], 5, "{r}");
+
+    raw.send(br#"{"execute": "quit", "id": "bye"}"#).unwrap();
+    let r = raw.reply().unwrap();
+    assert_eq!(r, json!({"return": {}, "id": "bye"}));
+    let status = served.daemon.child.wait().unwrap();
+    assert!(status.success(), "quit exits 0: {status}");
+    assert!(
+        !served.control.exists(),
+        "the control socket vublk bound is removed"
+    );
+
+    // An --add-fd naming a closed fd stops startup with the fd named.
+    let (status, stderr) = vublk_tests::daemon::run_vublk_expecting_exit(
+        &[
+            "serve",
+            "--image",
+            "/dev/fdset/1",
+            "--format",
+            "raw",
+            "--socket-path",
+            "/nonexistent/s",
+            "--add-fd",
+            "fd=77,set=1",
+        ],
+        &[],
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("--add-fd fd=77: the fd is not open"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn reads_racing_twenty_medium_changes_each_come_whole_from_one_medium() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.raw");
+    raw_filled(&a, 8 * MIB, 0xa0);
+    let b = dir.path().join("b.raw");
+    raw_filled(&b, 8 * MIB, 0xb0);
+    let served = serve(dir.path(), &a);
+    let socket = served.daemon.socket.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut guest = BlkClient::connect(&socket, 1).unwrap();
+            let (mut seen_a, mut seen_b) = (0u32, 0u32);
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let data = guest.read((i % 64) * 128 * 1024, 128 * 1024).unwrap();
+                match data[0] {
+                    0xa0 => seen_a += 1,
+                    0xb0 => seen_b += 1,
+                    other => panic!("read {i} saw byte {other:#x}"),
+                }
+                assert!(
+                    data.iter().all(|&x| x == data[0]),
+                    "read {i} mixes two media"
+                );
+                i += 1;
+            }
+            (seen_a, seen_b)
+        })
+    };
+    let mut qmp = QmpClient::connect(&served.control).unwrap();
+    qmp.add_fd(1, &a, FdMode::ReadWrite, "a").unwrap();
+    qmp.add_fd(2, &b, FdMode::ReadWrite, "b").unwrap();
+    for round in 0..20 {
+        std::thread::sleep(Duration::from_millis(20));
+        let set = if round % 2 == 0 { 2 } else { 1 };
+        qmp.ok(
+            "blockdev-change-medium",
+            json!({"id": "disk0", "filename": format!("/dev/fdset/{set}"), "format": "raw"}),
+        )
+        .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (seen_a, seen_b) = reader.join().unwrap();
+    assert!(
+        seen_a > 0 && seen_b > 0,
+        "reads saw both media: {seen_a} / {seen_b}"
+    );
+    let stats = qmp.ok("query-blockstats", json!({})).unwrap();
+    assert_eq!(stats[0]["stats"]["failed_rd_operations"], 0, "{stats}");
+    assert!(served.daemon.terminate().unwrap().success());
+}
