@@ -25,6 +25,9 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Print what an image's header says (qemu-img info's JSON keys), from a bounded read.
     Probe(ProbeArgs),
+    /// Print the seccomp allowlist of each thread role as JSON.
+    #[command(name = "x-seccomp-allowlist", hide = true)]
+    XSeccompAllowlist,
 }
 
 #[derive(Debug, Args)]
@@ -53,6 +56,13 @@ pub enum CacheArg {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SandboxArg {
+    On,
+    Weak,
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DiscardArg {
     /// Pass discards down (punch holes).
     Unmap,
@@ -63,8 +73,10 @@ pub enum DiscardArg {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// The top image: fd:N (an inherited fd), /dev/fdset/N, or a path (opened during setup).
+    /// May be left out with --control: vublk then starts with no medium, and the manager
+    /// inserts one with blockdev-change-medium.
     #[arg(long, alias = "blk-file", value_name = "FILE")]
-    pub image: String,
+    pub image: Option<String>,
 
     /// Format of --image. Required: a writable disk's format is never probed.
     #[arg(long, value_enum)]
@@ -125,6 +137,20 @@ pub struct ServeArgs {
     /// repeatable. The image and backing files may then be given as /dev/fdset/S.
     #[arg(long, value_name = "fd=N,set=S[,opaque=TEXT]")]
     pub add_fd: Vec<String>,
+
+    /// Confinement: `on` (default) applies every layer and refuses to start if one cannot be;
+    /// `weak` applies what this kernel and these privileges allow and says what is missing;
+    /// `off` applies none (debugging only). Also read from $VUBLK_SANDBOX.
+    #[arg(long, value_enum, default_value = "on", env = "VUBLK_SANDBOX")]
+    pub sandbox: SandboxArg,
+
+    /// Drop to this identity while confining (when started as root).
+    #[arg(long, value_name = "UID[:GID]")]
+    pub user: Option<String>,
+
+    /// Accept vhost-user connections only from this peer uid (SO_PEERCRED).
+    #[arg(long, value_name = "UID")]
+    pub vmm_uid: Option<u32>,
 
     /// The device's name in control commands and events.
     #[arg(long, default_value = "disk0")]

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use vublk_fdset::{FileSpec, SpecError};
 
-use crate::args::{CacheArg, DiscardArg, FormatArg, ServeArgs};
+use crate::args::{CacheArg, DiscardArg, FormatArg, SandboxArg, ServeArgs};
 
 /// The most virtqueues vublk serves: each gets a thread and an io_uring.
 pub const MAX_NUM_QUEUES: u16 = 16;
@@ -94,9 +94,22 @@ pub struct AddFd {
 /// The longest device name (`--id`): QEMU's qdev ids are short identifiers too.
 pub const MAX_ID_LEN: usize = 64;
 
+/// The identity to drop to while confining.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct User {
+    pub uid: u32,
+    pub gid: u32,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServeConfig {
+    /// `None`: start with no medium (only with a control socket).
+    pub medium: Option<DiskConfig>,
+    /// The disk options a medium inserted later gets (cache, discard, block size, serial).
     pub disk: DiskConfig,
+    pub sandbox: crate::args::SandboxArg,
+    pub user: Option<User>,
+    pub vmm_uid: Option<u32>,
     pub device: DeviceConfig,
     pub ready_fd: Option<RawFd>,
     pub control: Option<ControlSocket>,
@@ -109,6 +122,12 @@ pub struct ServeConfig {
 pub enum ConfigError {
     #[error("--image: {0}")]
     Image(#[source] SpecError),
+    #[error("--image is required without --control (there would be no way to insert a medium)")]
+    ImageMissing,
+    #[error("--user {text}: expected UID or UID:GID (numbers)")]
+    User { text: String },
+    #[error("--connect needs socket() and connect() after confinement, which the sandbox forbids: pass a socket the manager connected with --fd, or use --sandbox off")]
+    ConnectConfined,
     #[error("--format is required (a writable disk's format is never probed)")]
     FormatMissing,
     #[error("--backing {text}: expected FILE,format=raw|qcow2")]
@@ -149,8 +168,18 @@ impl TryFrom<ServeArgs> for ServeConfig {
     type Error = ConfigError;
 
     fn try_from(args: ServeArgs) -> Result<Self, Self::Error> {
-        let image: FileSpec = args.image.parse().map_err(ConfigError::Image)?;
-        let format = args.format.ok_or(ConfigError::FormatMissing)?;
+        let image: Option<FileSpec> = match &args.image {
+            Some(text) => Some(text.parse().map_err(ConfigError::Image)?),
+            None if args.control.is_none() => return Err(ConfigError::ImageMissing),
+            None => None,
+        };
+        let user = args.user.as_deref().map(parse_user).transpose()?;
+        let format = match (&image, args.format) {
+            (_, Some(format)) => format,
+            (Some(_), None) => return Err(ConfigError::FormatMissing),
+            // No medium yet: each medium change names its own format.
+            (None, None) => FormatArg::Raw,
+        };
         let backing = args
             .backing
             .iter()
@@ -193,6 +222,9 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 return Err(ConfigError::ReadyFd(fd));
             }
         }
+        if matches!(socket, VhostUserSocket::Connect(_)) && args.sandbox != SandboxArg::Off {
+            return Err(ConfigError::ConnectConfined);
+        }
         let control = args.control.as_deref().map(parse_control).transpose()?;
         let add_fds = args
             .add_fd
@@ -209,23 +241,28 @@ impl TryFrom<ServeArgs> for ServeConfig {
         if !id_ok {
             return Err(ConfigError::Id(args.id));
         }
+        let disk = DiskConfig {
+            image: image.clone().unwrap_or(FileSpec::Fd(-1)),
+            format,
+            backing,
+            read_only: args.read_only,
+            cache: args.cache.map(|c| match c {
+                CacheArg::None => CacheMode::None,
+                CacheArg::Writeback => CacheMode::Writeback,
+            }),
+            discard: args.discard == DiscardArg::Unmap,
+            serial,
+            logical_block_size: args.logical_block_size,
+        };
         Ok(ServeConfig {
+            medium: image.map(|_| disk.clone()),
+            disk,
+            sandbox: args.sandbox,
+            user,
+            vmm_uid: args.vmm_uid,
             control,
             add_fds,
             id: args.id,
-            disk: DiskConfig {
-                image,
-                format,
-                backing,
-                read_only: args.read_only,
-                cache: args.cache.map(|c| match c {
-                    CacheArg::None => CacheMode::None,
-                    CacheArg::Writeback => CacheMode::Writeback,
-                }),
-                discard: args.discard == DiscardArg::Unmap,
-                serial,
-                logical_block_size: args.logical_block_size,
-            },
             device: DeviceConfig {
                 socket,
                 num_queues,
@@ -234,6 +271,21 @@ impl TryFrom<ServeArgs> for ServeConfig {
             ready_fd: args.ready_fd,
         })
     }
+}
+
+/// Parses `--user UID[:GID]` (the group defaults to the uid's number).
+fn parse_user(text: &str) -> Result<User, ConfigError> {
+    let bad = || ConfigError::User {
+        text: text.to_string(),
+    };
+    let (uid, gid) = match text.split_once(':') {
+        Some((u, g)) => (u, g),
+        None => (text, text),
+    };
+    Ok(User {
+        uid: uid.parse().map_err(|_| bad())?,
+        gid: gid.parse().map_err(|_| bad())?,
+    })
 }
 
 /// Parses `--control PATH|fd:N`.
@@ -327,7 +379,9 @@ mod tests {
         let cli = Cli::try_parse_from(argv).expect("clap accepts the syntax");
         match cli.command {
             Some(Command::Serve(args)) => ServeConfig::try_from(*args),
-            Some(Command::Probe(_)) | None => panic!("not a serve command line"),
+            Some(Command::Probe(_) | Command::XSeccompAllowlist) | None => {
+                panic!("not a serve command line")
+            }
         }
     }
 

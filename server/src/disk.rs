@@ -43,6 +43,8 @@ pub enum DiskError {
         "{spec}: a raw image has no backing file, but another --backing layer was given below it"
     )]
     BackingUnderRaw { spec: FileSpec },
+    #[error("{spec}: refused by the sVirt label check: {reason}")]
+    Label { spec: FileSpec, reason: String },
     #[error("{spec}: this fd is already used for another file of the chain")]
     FdReused { spec: FileSpec },
     #[error("{path}: paths are only opened during setup; pass an fd set (/dev/fdset/N) instead")]
@@ -110,8 +112,10 @@ pub type CorruptionHook = Arc<dyn Fn(String) + Send + Sync>;
 /// A medium: the format layer over the image fds, or nothing (ejected).
 pub struct Disk {
     layer: Option<Arc<dyn Layer>>,
-    /// The metadata thread, for a layer that can need one (writable qcow2).
-    updater: Option<Updater>,
+    /// The metadata thread, for a layer that can need one (writable qcow2), once started.
+    updater: std::sync::OnceLock<Updater>,
+    /// Told when the metadata thread finds the image inconsistent.
+    on_corrupt: Option<CorruptionHook>,
     capacity_bytes: u64,
     read_only: bool,
     /// Top first.
@@ -168,18 +172,12 @@ impl Disk {
                 });
             }
         }
-        let updater = if layer.format() == Format::Qcow2 && !layer.read_only() {
-            Some(
-                Updater::spawn(Arc::clone(&layer), on_corrupt)
-                    .map_err(|source| DiskError::Updater { spec, source })?,
-            )
-        } else {
-            None
-        };
+        let needs_updater = layer.format() == Format::Qcow2 && !layer.read_only();
         Ok(Disk {
             read_only: layer.read_only(),
             layer: Some(layer),
-            updater,
+            updater: std::sync::OnceLock::new(),
+            on_corrupt: needs_updater.then_some(on_corrupt),
             capacity_bytes,
             chain,
             opened,
@@ -192,7 +190,8 @@ impl Disk {
     pub fn empty() -> Disk {
         Disk {
             layer: None,
-            updater: None,
+            updater: std::sync::OnceLock::new(),
+            on_corrupt: None,
             capacity_bytes: 0,
             read_only: true,
             chain: Vec::new(),
@@ -231,15 +230,34 @@ impl Disk {
         &self.chain
     }
 
+    /// Starts the metadata thread a writable qcow2 medium needs (separate from opening, so
+    /// that the first medium's thread starts after confinement and inherits it).
+    pub fn start(&self) -> Result<(), DiskError> {
+        let (Some(layer), Some(hook)) = (&self.layer, &self.on_corrupt) else {
+            return Ok(());
+        };
+        if self.updater.get().is_some() {
+            return Ok(());
+        }
+        let updater = Updater::spawn(Arc::clone(layer), Arc::clone(hook)).map_err(|source| {
+            DiskError::Updater {
+                spec: self.config.image.clone(),
+                source,
+            }
+        })?;
+        let _ = self.updater.set(updater);
+        Ok(())
+    }
+
     /// Whether a metadata thread serves this disk (writable qcow2): FLUSH goes through it.
     pub fn has_updater(&self) -> bool {
-        self.updater.is_some()
+        self.on_corrupt.is_some()
     }
 
     /// Hands a request the layer cannot map in place to the metadata thread; false when there
     /// is none (or it is gone), and the caller fails the request.
     pub fn submit_update(&self, job: UpdateJob, reply: UpdateReply) -> bool {
-        self.updater.as_ref().is_some_and(|u| u.submit(job, reply))
+        self.updater.get().is_some_and(|u| u.submit(job, reply))
     }
 
     /// The raw fds to register with each queue's ring, indexed by `FileId`.
@@ -263,7 +281,7 @@ impl Disk {
     /// state written) and fdatasyncs every writable file. Used on shutdown and before a
     /// medium is replaced; the disk serves nothing that needs the metadata thread afterwards.
     pub fn sync(&self) -> std::io::Result<()> {
-        if let Some(updater) = &self.updater {
+        if let Some(updater) = self.updater.get() {
             updater.shutdown();
         }
         for file in self.files() {
@@ -398,6 +416,12 @@ fn open_file(
         },
     };
     check_image_fd(&status, need).map_err(fd_err)?;
+    crate::sandbox::check_image_label(resolved.fd.as_fd(), writable).map_err(|reason| {
+        DiskError::Label {
+            spec: spec.clone(),
+            reason,
+        }
+    })?;
     opened.push((resolved.fd.as_raw_fd(), resolved.hold));
     let info = LayerInfo {
         file: spec.to_string(),

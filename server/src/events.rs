@@ -143,7 +143,8 @@ impl Events {
             let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
             let throttled = match &event {
                 Event::BlockIoError { operation, .. } => Some(*operation as usize),
-                Event::BlockImageCorrupted { .. } => Some(2),
+                // A fatal report (the image is now marked corrupt) always goes out.
+                Event::BlockImageCorrupted { fatal: false, .. } => Some(2),
                 _ => None,
             };
             if let Some(slot) = throttled {

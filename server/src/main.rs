@@ -11,6 +11,7 @@ mod engine;
 mod events;
 mod fds;
 mod probe;
+mod sandbox;
 mod serve;
 mod stats;
 mod updater;
@@ -27,7 +28,7 @@ use args::{Cli, Command};
 
 /// Subcommands, for telling `vublk --socket-path ...` (the vhost-user backend program
 /// convention, which has no subcommand) from `vublk serve --socket-path ...`.
-const SUBCOMMANDS: [&str; 3] = ["serve", "probe", "help"];
+const SUBCOMMANDS: [&str; 4] = ["serve", "probe", "help", "x-seccomp-allowlist"];
 
 /// Inserts `serve` when the first argument is an option other than the top-level ones, so a
 /// management tool can start vublk as `vublk --socket-path=... --blk-file=...`.
@@ -57,6 +58,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Serve(args)) => serve::run(*args),
         Some(Command::Probe(args)) => probe::run(args),
+        Some(Command::XSeccompAllowlist) => {
+            println!("{:#}", sandbox::seccomp::allowlists_json());
+            Ok(())
+        }
         None => {
             eprintln!("vublk: a subcommand is required (try `vublk serve --help`)");
             return ExitCode::from(2);

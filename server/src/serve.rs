@@ -12,14 +12,20 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use crate::args::ServeArgs;
 use crate::config::ServeConfig;
+use crate::config::{ControlSocket, VhostUserSocket};
 use crate::control::{self, ControlEndpoint};
 use crate::device::Device;
 use crate::disk::{CorruptionHook, Disk};
 use crate::events::{Event, Events};
 use crate::fds::{ManagerFds, SetupSource};
+use crate::sandbox;
+use crate::sandbox::notify::Notifier;
+use crate::sandbox::seccomp::{self, Role};
 use crate::vhost_user::connection::{self, Endpoint, Shutdown};
 use crate::virtio_blk::features::DeviceParams;
 use crate::virtio_blk::VIRTIO_BLK_ID_BYTES;
+use std::os::fd::RawFd;
+use vublk_fdset::FileSpec;
 
 /// Largest allocation served from the heap rather than its own mmap. Request buffers (bounces,
 /// the copies of writes handed to the metadata thread, clusters) are up to a few MiB and come
@@ -41,7 +47,43 @@ pub fn corruption_hook(events: &Arc<Events>, device: &str) -> CorruptionHook {
     })
 }
 
+/// The fds open in this process now.
+fn open_fds() -> Result<Vec<RawFd>> {
+    let mut fds: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
+        .context("listing /proc/self/fd")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+        .collect();
+    fds.sort_unstable();
+    // The listing's own directory fd is in it, and closed by now.
+    // SAFETY: F_GETFD on a number only reads the descriptor table.
+    fds.retain(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0);
+    Ok(fds)
+}
+
+/// The inherited fds vublk takes over (everything else inherited is closed when confining).
+fn adopted_fds(config: &ServeConfig) -> Vec<RawFd> {
+    let mut fds: Vec<RawFd> = config.add_fds.iter().map(|a| a.fd).collect();
+    if let Some(medium) = &config.medium {
+        let files = std::iter::once(&medium.image).chain(medium.backing.iter().map(|b| &b.file));
+        fds.extend(files.filter_map(|f| match f {
+            FileSpec::Fd(fd) => Some(*fd),
+            _ => None,
+        }));
+    }
+    if let VhostUserSocket::Inherited(fd) = config.device.socket {
+        fds.push(fd);
+    }
+    if let Some(ControlSocket::Inherited(fd)) = config.control {
+        fds.push(fd);
+    }
+    fds.extend(config.ready_fd);
+    fds
+}
+
 pub fn run(args: ServeArgs) -> Result<()> {
+    // Before vublk opens anything: what it inherited.
+    let inherited = open_fds()?;
     // SAFETY: mallopt only changes allocator tuning; it is called before any thread exists.
     if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, HEAP_ALLOCATION_LIMIT) } != 1 {
         log::warn!("could not raise the mmap threshold; large request buffers will be mmapped");
@@ -58,19 +100,26 @@ pub fn run(args: ServeArgs) -> Result<()> {
 
     // Before anything is opened or bound: without io_uring there is nothing to serve with.
     io_uring_probe()?;
+    sandbox::open_label_source().map_err(|e| anyhow::anyhow!("svirt: {e}"))?;
     let events = Arc::new(Events::new().context("creating the event queue")?);
     let mut fds = ManagerFds::from_command_line(&config.add_fds)?;
-    let disk = Disk::open(
-        &config.disk,
-        &mut SetupSource {
-            fds: &mut fds,
-            adopted: HashSet::new(),
-        },
-        corruption_hook(&events, &config.id),
-    )?;
+    let disk = match &config.medium {
+        Some(medium) => Disk::open(
+            medium,
+            &mut SetupSource {
+                fds: &mut fds,
+                adopted: HashSet::new(),
+            },
+            corruption_hook(&events, &config.id),
+        )?,
+        None => Disk::empty(),
+    };
     log::info!(
         "serving {} ({} bytes, {}{}) with {} queue(s) of {}",
-        config.disk.image,
+        config
+            .medium
+            .as_ref()
+            .map_or_else(|| "no medium".to_string(), |m| m.image.to_string()),
         disk.capacity_bytes(),
         disk.layer()
             .map(|l| l.format().to_string())
@@ -102,17 +151,46 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .as_ref()
         .map(ControlEndpoint::prepare)
         .transpose()?;
-    if let Some(fd) = config.ready_fd {
-        announce_ready(fd)?;
-    }
-
+    let notifier = Notifier::from_env().context("connecting to $NOTIFY_SOCKET")?;
     let shutdown = Shutdown::new()?;
+
+    if config.vmm_uid.is_some()
+        && config.sandbox != crate::args::SandboxArg::Off
+        && !nix::unistd::geteuid().is_root()
+    {
+        anyhow::bail!(
+            "--vmm-uid cannot be checked by an unprivileged vublk: its own user namespace shows every other uid as 65534; start vublk as root (with --user), or rely on the socket file's owner and mode"
+        );
+    }
+    // Confine while single-threaded: Landlock and namespaces hold for the calling thread and
+    // every thread it starts afterwards.
+    let adopted = adopted_fds(&config);
+    let close: Vec<RawFd> = inherited
+        .iter()
+        .copied()
+        .filter(|fd| *fd > 2 && !adopted.contains(fd))
+        .collect();
+    let keep: Vec<RawFd> = open_fds()?
+        .into_iter()
+        .filter(|fd| !close.contains(fd))
+        .collect();
+    sandbox::confine(&sandbox::Plan {
+        mode: config.sandbox,
+        user: config.user,
+        close,
+        keep,
+    })?;
+    device.disk().0.start()?;
     let server = {
         let device = Arc::clone(&device);
         let shutdown = shutdown.clone();
+        let vmm_uid = config.vmm_uid;
         std::thread::Builder::new()
             .name("vublk-vhost-user".into())
-            .spawn(move || connection::serve(endpoint, &device, &shutdown))
+            .spawn(move || {
+                seccomp::enter(Role::VhostUser);
+                connection::serve(endpoint, &device, &shutdown, vmm_uid)
+            })
             .context("starting the vhost-user thread")?
     };
     let control_thread = match control_endpoint {
@@ -122,9 +200,17 @@ pub fn run(args: ServeArgs) -> Result<()> {
             fds,
             config.disk.clone(),
             shutdown.clone(),
+            config.medium.is_none(),
         )?),
         None => None,
     };
+    if let Some(fd) = config.ready_fd {
+        announce_ready(fd)?;
+    }
+    if let Some(n) = &notifier {
+        n.ready().context("sending READY=1 to $NOTIFY_SOCKET")?;
+    }
+    seccomp::enter(Role::Main);
 
     let signal_or_quit = shutdown.wait_for_signal_or_request(&signal_fd);
     match signal_or_quit {

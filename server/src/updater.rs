@@ -78,6 +78,7 @@ impl Updater {
         let thread = std::thread::Builder::new()
             .name("vublk-meta".into())
             .spawn(move || {
+                crate::sandbox::seccomp::enter(crate::sandbox::seccomp::Role::Meta);
                 let storage = FileStorage::new(layer.files());
                 // Everything queued runs as one batch: allocations of different requests
                 // write their data and metadata in parallel.

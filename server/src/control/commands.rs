@@ -62,6 +62,9 @@ pub struct State {
     /// The command line's disk options: cache mode, discard, block size, for new media.
     template: DiskConfig,
     tray_open: bool,
+    /// Whether the last medium inserted was read-only: `read-only-mode: retain` keeps it
+    /// across an eject, as QEMU does.
+    last_read_only: bool,
     quit: bool,
 }
 
@@ -70,12 +73,19 @@ fn generic(desc: impl Into<String>) -> QmpError {
 }
 
 impl State {
-    pub fn new(device: Arc<Device>, fds: ManagerFds, template: DiskConfig) -> State {
+    /// `tray_open`: vublk started with no medium.
+    pub fn new(
+        device: Arc<Device>,
+        fds: ManagerFds,
+        template: DiskConfig,
+        tray_open: bool,
+    ) -> State {
         State {
             device,
             fds,
+            last_read_only: template.read_only,
             template,
-            tray_open: false,
+            tray_open,
             quit: false,
         }
     }
@@ -142,8 +152,12 @@ impl State {
             }
             "query-commands" => {
                 Args::new(args).finish()?;
+                let mut names: Vec<&str> = COMMANDS.to_vec();
+                if cfg!(feature = "sandbox-probe") {
+                    names.push("x-sandbox-probe");
+                }
                 Ok(Value::Array(
-                    COMMANDS.iter().map(|n| json!({ "name": n })).collect(),
+                    names.iter().map(|n| json!({ "name": n })).collect(),
                 ))
             }
             "add-fd" => self.add_fd(args, fds),
@@ -170,6 +184,16 @@ impl State {
             "query-vhost-user" => {
                 Args::new(args).finish()?;
                 Ok(self.query_vhost_user())
+            }
+            #[cfg(feature = "sandbox-probe")]
+            "x-sandbox-probe" => {
+                let mut a = Args::new(args);
+                let unix = a.opt_str("unix")?;
+                let tcp = a.opt_i64("tcp-port")?;
+                let execve = a.opt_bool("execve")?.unwrap_or(false);
+                a.finish()?;
+                let port = tcp.and_then(|p| u16::try_from(p).ok());
+                Ok(crate::sandbox::probe::run(unix, port, execve))
             }
             other => Err(QmpError::command_not_found(other)),
         }
@@ -274,11 +298,9 @@ impl State {
     /// Checks that `device`/`id` (QEMU accepts either) names this device.
     fn check_device(&self, device: Option<&str>, id: Option<&str>) -> Result<(), QmpError> {
         let name = match (device, id) {
-            (Some(_), Some(_)) => {
-                return Err(generic("Cannot specify both 'device' and 'id'".to_string()))
-            }
+            (Some(_), Some(_)) => return Err(generic("Need exactly one of 'device' and 'id'")),
             (Some(n), None) | (None, Some(n)) => n,
-            (None, None) => return Err(generic("Either 'device' or 'id' must be specified")),
+            (None, None) => return Err(generic("Need exactly one of 'device' and 'id'")),
         };
         if name == self.device.id() {
             Ok(())
@@ -316,11 +338,10 @@ impl State {
         self.check_device(device, id)?;
         let format = parse_format(format, "format")?;
         let image = parse_file(filename)?;
-        let current_ro = self.device.disk().0.read_only();
         let read_only = match mode {
             Some("read-only") => true,
             Some("read-write") => false,
-            _ => current_ro && !self.device.disk().0.is_empty(),
+            _ => self.last_read_only || self.device.params().read_only,
         };
         if !read_only && self.device.params().read_only {
             return Err(generic(format!(
@@ -342,6 +363,7 @@ impl State {
             corruption_hook(self.device.events(), self.device.id()),
         )
         .map_err(|e| disk_error(&e))?;
+        new.start().map_err(|e| disk_error(&e))?;
         self.tray(true);
         self.device.with_queues_paused(|old| {
             if let Err(e) = old.sync() {
@@ -350,6 +372,7 @@ impl State {
             Ok::<_, QmpError>((Some(new), ()))
         })?;
         self.tray(false);
+        self.last_read_only = read_only;
         log::info!("{}: medium changed to {filename}", self.device.id());
         Ok(json!({}))
     }
@@ -400,21 +423,20 @@ impl State {
         let hook = corruption_hook(device.events(), device.id());
         device.with_queues_paused(|old| {
             if old.is_empty() {
-                return Err(QmpError {
-                    class: ErrorClass::DeviceNotActive,
-                    desc: format!("Device '{}' has no medium", device.id()),
-                });
+                return Err(generic(format!("Device '{}' has no medium", device.id())));
             }
             if old.read_only() {
                 return Err(generic(format!("Device '{}' is read only", device.id())));
             }
             if size == old.capacity_bytes() {
-                return Ok((None, ()));
+                return Ok((None, Ok(())));
             }
             // The layer is closed (metadata written, fds synced) before its file changes size.
             old.sync()
                 .map_err(|e| generic(format!("flushing before resize: {e}")))?;
-            old.resize_file(size).map_err(|e| generic(chain(&*e)))?;
+            let resized = old.resize_file(size).map_err(|e| generic(chain(&*e)));
+            // Reopened whether or not the resize worked: the closed medium has no metadata
+            // thread any more, and a refused resize left the file as it was.
             let config = old.config().clone();
             let reopened = Disk::open(
                 &config,
@@ -422,8 +444,9 @@ impl State {
                 hook,
             )
             .map_err(|e| disk_error(&e))?;
-            Ok((Some(reopened), ()))
-        })?;
+            reopened.start().map_err(|e| disk_error(&e))?;
+            Ok((Some(reopened), resized))
+        })??;
         log::info!("{}: resized to {size} bytes", self.device.id());
         Ok(json!({}))
     }

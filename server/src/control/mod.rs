@@ -138,12 +138,14 @@ pub fn spawn(
     fds: ManagerFds,
     template: DiskConfig,
     shutdown: Shutdown,
+    tray_open: bool,
 ) -> Result<JoinHandle<()>, ControlError> {
     std::thread::Builder::new()
         .name("vublk-control".into())
         .spawn(move || {
+            crate::sandbox::seccomp::enter(crate::sandbox::seccomp::Role::Control);
             let mut server = Server {
-                state: State::new(device, fds, template),
+                state: State::new(device, fds, template, tray_open),
                 clients: Vec::new(),
                 next_client: 0,
             };
@@ -190,12 +192,10 @@ impl Server {
         while !shutdown.requested() && !self.state.quit_requested() {
             self.poll_once(listener.as_ref(), shutdown);
         }
-        // Replies to `quit` go out before the sockets close.
+        // Replies to `quit` go out before the sockets close, as far as each client reads them
+        // now: a client that does not read must not hold up the exit.
         for client in &mut self.clients {
-            let _ = client.stream.set_nonblocking(false);
-            let (a, b) = client.output.as_slices();
-            let _ = client.stream.write_all(a);
-            let _ = client.stream.write_all(b);
+            flush_output(client);
         }
         if self.state.quit_requested() {
             shutdown.request();
@@ -354,7 +354,13 @@ impl Server {
                 return;
             };
             let reply = match frame {
-                Err(e) => qmp::frame_error_reply(&e),
+                Err(e) => {
+                    // Fds sent for a command that could not even be read are not kept for
+                    // the next one.
+                    client.fds.clear();
+                    client.truncated = None;
+                    qmp::frame_error_reply(&e)
+                }
                 Ok(bytes) => {
                     let fds = std::mem::take(&mut client.fds);
                     let truncated = client.truncated.take();

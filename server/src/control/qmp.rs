@@ -31,7 +31,6 @@ use super::framing::FrameError;
 pub enum ErrorClass {
     GenericError,
     CommandNotFound,
-    DeviceNotActive,
     DeviceNotFound,
 }
 
@@ -41,7 +40,6 @@ impl ErrorClass {
         match self {
             ErrorClass::GenericError => "GenericError",
             ErrorClass::CommandNotFound => "CommandNotFound",
-            ErrorClass::DeviceNotActive => "DeviceNotActive",
             ErrorClass::DeviceNotFound => "DeviceNotFound",
         }
     }
@@ -1083,19 +1081,13 @@ mod tests {
         let got = serde_json::to_value([
             ErrorClass::GenericError,
             ErrorClass::CommandNotFound,
-            ErrorClass::DeviceNotActive,
             ErrorClass::DeviceNotFound,
         ])
         .unwrap();
 
         assert_eq!(
             got,
-            json!([
-                "GenericError",
-                "CommandNotFound",
-                "DeviceNotActive",
-                "DeviceNotFound"
-            ])
+            json!(["GenericError", "CommandNotFound", "DeviceNotFound"])
         );
     }
 

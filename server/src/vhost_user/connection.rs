@@ -240,8 +240,9 @@ impl Shutdown {
     }
 }
 
-/// Serves frontends from `endpoint` one at a time until shutdown is requested.
-pub fn serve(endpoint: Endpoint, device: &Arc<Device>, shutdown: &Shutdown) {
+/// Serves frontends from `endpoint` one at a time until shutdown is requested; with
+/// `vmm_uid`, only a peer running as that uid (SO_PEERCRED) is served.
+pub fn serve(endpoint: Endpoint, device: &Arc<Device>, shutdown: &Shutdown, vmm_uid: Option<u32>) {
     match endpoint {
         Endpoint::Listener(listener, bound) => {
             if let Err(e) = listener.set_nonblocking(true) {
@@ -249,7 +250,7 @@ pub fn serve(endpoint: Endpoint, device: &Arc<Device>, shutdown: &Shutdown) {
             }
             while shutdown.wait_readable(listener.as_fd(), None) {
                 match listener.accept() {
-                    Ok((stream, _)) => serve_one(stream, device, shutdown),
+                    Ok((stream, _)) => serve_one(stream, device, shutdown, vmm_uid),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => log::warn!("vhost-user accept failed: {e}"),
                 }
@@ -260,7 +261,7 @@ pub fn serve(endpoint: Endpoint, device: &Arc<Device>, shutdown: &Shutdown) {
         }
         Endpoint::Connected(mut stream) => {
             if let Some(stream) = stream.take() {
-                serve_one(stream, device, shutdown);
+                serve_one(stream, device, shutdown, vmm_uid);
             }
             log::warn!("the inherited vhost-user connection ended; waiting for SIGTERM");
             let _ = shutdown.wait_readable(evt_fd(&shutdown.inner.evt), None);
@@ -271,7 +272,7 @@ pub fn serve(endpoint: Endpoint, device: &Arc<Device>, shutdown: &Shutdown) {
                 match UnixStream::connect(&path) {
                     Ok(stream) => {
                         let started = std::time::Instant::now();
-                        serve_one(stream, device, shutdown);
+                        serve_one(stream, device, shutdown, vmm_uid);
                         if started.elapsed() < RECONNECT_MAX {
                             // The connection ended at once (a failing VMM, or vublk could not
                             // serve it): back off instead of spinning.
@@ -303,8 +304,25 @@ fn remove_own_socket(path: &Path, ino: u64) {
 }
 
 /// Serves one frontend until it disconnects or shutdown is requested.
-fn serve_one(stream: UnixStream, device: &Arc<Device>, shutdown: &Shutdown) {
+fn serve_one(stream: UnixStream, device: &Arc<Device>, shutdown: &Shutdown, vmm_uid: Option<u32>) {
     let peer = stream.as_raw_fd();
+    if let Some(want) = vmm_uid {
+        match getsockopt(&stream, sockopt::PeerCredentials) {
+            Ok(creds) if creds.uid() == want => {}
+            Ok(creds) => {
+                log::warn!(
+                    "vhost-user connection from uid {} (pid {}) refused: --vmm-uid is {want}",
+                    creds.uid(),
+                    creds.pid()
+                );
+                return;
+            }
+            Err(e) => {
+                log::warn!("vhost-user connection refused: cannot read its credentials: {e}");
+                return;
+            }
+        }
+    }
     if let Err(e) = stream.set_nonblocking(false) {
         log::warn!("vhost-user connection: cannot make it blocking: {e}");
         return;

@@ -213,6 +213,7 @@ pub fn spawn(
             // From the first instruction: however this thread ends, a handler waiting for the
             // queue to drain is released.
             let _guard = ExitGuard(Arc::clone(&shared));
+            crate::sandbox::seccomp::enter(crate::sandbox::seccomp::Role::Worker);
             // The ring is created on the thread that submits to it: with SINGLE_ISSUER the
             // kernel binds it to the task that enables it. Each request has at most one op
             // per piece; twice the queue size leaves room, and the backlog absorbs the rest.
@@ -424,10 +425,13 @@ impl Worker {
         for slot in 0..IMAGE_SLOTS {
             let fd = files.get(slot as usize).copied();
             if let Err(e) = self.ring.set_file(slot, fd) {
+                // The ring still holds the old files: stay on the old generation (which pops
+                // nothing while the device's differs) and try again on the next wake.
                 log::error!(
-                    "queue {}: cannot install image fd in slot {slot}: {e}",
+                    "queue {}: cannot install image fd in slot {slot}: {e}; requests wait",
                     self.shared.index
                 );
+                return;
             }
         }
         self.file_options = disk.file_options();
