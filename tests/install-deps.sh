@@ -8,6 +8,7 @@
 #                                 qemu-system-x86 is 7.2 and would remove qemu-img 10
 #   busybox-static, fio, cpio     the end-to-end test guest's userland (tests/e2e)
 #   xz-utils, zstd                unpacking kernel modules, if compressed
+#   strace                        the seccomp allowlist test (syscalls a workload makes)
 # Python (pip): qemu.qmp          the independent QMP client for control-plane tests
 # Rust: cargo-nextest             installed with cargo if missing
 
@@ -32,7 +33,7 @@ qemu_major() {
 }
 
 missing=()
-for pkg in busybox-static fio cpio xz-utils zstd; do
+for pkg in busybox-static fio cpio xz-utils zstd strace; do
 	dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 need_qemu=0

@@ -157,6 +157,35 @@ fn regular_file_as_vhost_user_fd_is_refused() {
     );
 }
 
+#[test]
+fn abstract_listening_socket_as_vhost_user_fd_is_refused() {
+    use std::os::linux::net::SocketAddrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("vublk-test-{}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+    let img = image(&dir);
+    let (status, stderr) = run_vublk_expecting_exit(
+        &[
+            "serve",
+            "--image",
+            img.to_str().unwrap(),
+            "--format",
+            "raw",
+            "--fd",
+            "11",
+        ],
+        &[(listener.as_raw_fd(), 11)],
+        EXIT_TIMEOUT,
+    )
+    .unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("--fd 11") && stderr.contains("abstract"),
+        "stderr: {stderr}"
+    );
+}
+
 /// Starts vublk on `fd` passed as the image and returns the daemon.
 fn serve_fd(dir: &tempfile::TempDir, fd: i32, extra: &[&str]) -> Daemon {
     let sock = dir.path().join("vu.sock");

@@ -50,6 +50,8 @@ pub enum ConnectionError {
     },
     #[error("--fd {fd}: not a unix stream socket")]
     NotUnixStream { fd: RawFd },
+    #[error("--fd {fd}: an abstract unix socket; vublk only serves a socket with a path (its file's owner and mode decide who may connect)")]
+    Abstract { fd: RawFd },
     #[error("--fd {fd}: cannot query the socket")]
     Query {
         fd: RawFd,
@@ -123,6 +125,11 @@ fn adopt(fd: RawFd) -> Result<Endpoint, ConnectionError> {
     let addr: UnixAddr = getsockname(fd).map_err(query)?;
     if addr.family() != Some(AddressFamily::Unix) {
         return Err(ConnectionError::NotUnixStream { fd });
+    }
+    // An abstract socket has no file whose owner and mode limit who connects; any process in
+    // the network namespace can reach it.
+    if addr.as_abstract().is_some() {
+        return Err(ConnectionError::Abstract { fd });
     }
     nix::fcntl::fcntl(
         owned.as_fd(),
