@@ -215,6 +215,21 @@ impl Device {
         result
     }
 
+    /// Stops every queue and waits until the requests they popped have completed (and their
+    /// completions were signalled to the guest), for a graceful exit: the VMM is still
+    /// connected, so it sees every completion before the connection goes.
+    pub fn drain_for_exit(&self) {
+        let _changing = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        let queues: Vec<Arc<QueueShared>> = self
+            .queues
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for queue in &queues {
+            queue.pause();
+        }
+    }
+
     /// Installs (or clears) the backend channel of the current connection.
     pub fn set_channel(&self, channel: Option<BackendChannel>) {
         *self.channel.lock().unwrap_or_else(|e| e.into_inner()) = channel;

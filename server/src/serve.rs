@@ -217,6 +217,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         Some(signal) => log::info!("signal {signal}: draining in-flight requests and flushing"),
         None => log::info!("quit: draining in-flight requests and flushing"),
     }
+    // Drain while the VMM is connected, so it sees every completion (and its interrupt)
+    // before the connection closes; a VMM that reconnects to the next vublk then has nothing
+    // outstanding that this one took.
+    device.drain_for_exit();
     shutdown.request();
     if server.join().is_err() {
         log::error!("the vhost-user thread panicked");

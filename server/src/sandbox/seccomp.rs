@@ -206,6 +206,8 @@ const VHOST_USER: &[Syscall] = &[
     sys!(SYS_setsockopt), // backend channel timeouts
     sys!(SYS_shutdown),
     sys!(SYS_eventfd2),            // each queue's wake eventfd
+    sys!(SYS_memfd_create),        // the inflight region (GET_INFLIGHT_FD)
+    sys!(SYS_ftruncate),           // sizing it
     sys!(SYS_clone, Only::Thread), // queue workers
 ];
 

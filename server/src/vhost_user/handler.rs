@@ -23,6 +23,7 @@ use vm_memory::{
     GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
 };
 
+use super::inflight::InflightRegion;
 use crate::device::{ConnectionInfo, Device};
 use crate::virtio_blk::feature::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_RING_F_EVENT_IDX};
 use crate::worker::{self, QueueShared, Vring};
@@ -37,6 +38,7 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
 }
 
 /// A guest memory region as the frontend's address space sees it, for SET_VRING_ADDR.
@@ -56,6 +58,8 @@ pub struct BlkHandler {
     acked_protocol_features: u64,
     queues: Vec<Arc<QueueShared>>,
     workers: Vec<JoinHandle<()>>,
+    /// The inflight region the frontend keeps for a restarted vublk.
+    inflight: Option<Arc<InflightRegion>>,
 }
 
 fn invalid(reason: &str) -> VuError {
@@ -78,6 +82,7 @@ impl BlkHandler {
             acked_protocol_features: 0,
             queues: Vec::new(),
             workers: Vec::new(),
+            inflight: None,
         };
         for index in 0..params.num_queues {
             let vring = Vring::new(mem.clone(), params.queue_size).map_err(|e| {
@@ -135,6 +140,31 @@ impl BlkHandler {
         info.features = self.acked_features;
         info.protocol_features = self.acked_protocol_features;
         self.device.set_connection(Some(ConnectionInfo { ..info }));
+    }
+
+    /// The queue count and size of an inflight request, checked against the device.
+    fn inflight_shape(&self, inflight: &VhostUserInflight) -> VuResult<(u16, u16)> {
+        let params = self.device.params();
+        if inflight.num_queues == 0
+            || inflight.num_queues > params.num_queues
+            || inflight.queue_size == 0
+            || inflight.queue_size > params.queue_size
+        {
+            return Err(invalid("inflight region shape does not fit the device"));
+        }
+        Ok((inflight.num_queues, inflight.queue_size))
+    }
+
+    /// Hands each queue its part of `region`.
+    fn install_inflight(&mut self, region: Arc<InflightRegion>) {
+        for (i, queue) in self.queues.iter().enumerate() {
+            let handle = u16::try_from(i)
+                .ok()
+                .and_then(|i| region.queue_handle(i))
+                .map(Arc::new);
+            queue.set_inflight(handle);
+        }
+        self.inflight = Some(region);
     }
 
     fn offered_features(&self) -> u64 {
@@ -328,6 +358,8 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         let queue = self.queue(u32::from(index))?;
+        // The queue (re)starts: requests a previous vublk left in flight go first.
+        queue.request_recovery();
         queue.set_kick(fd);
         queue.vring.set_queue_ready(true);
         queue.poke();
@@ -417,17 +449,33 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
 
     fn get_inflight_fd(
         &mut self,
-        _inflight: &VhostUserInflight,
+        inflight: &VhostUserInflight,
     ) -> VuResult<(VhostUserInflight, File)> {
-        Err(VuError::InvalidOperation(
-            "inflight tracking is not supported yet",
+        let (num_queues, queue_size) = self.inflight_shape(inflight)?;
+        let (region, file) = InflightRegion::create(num_queues, queue_size).map_err(|e| {
+            log::error!("vhost-user: {e}");
+            VuError::ReqHandlerError(std::io::Error::other(e.to_string()))
+        })?;
+        let size = file.metadata().map(|m| m.len()).unwrap_or_default();
+        self.install_inflight(region);
+        Ok((
+            VhostUserInflight::new(size, 0, num_queues, queue_size),
+            file,
         ))
     }
 
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
-        Err(VuError::InvalidOperation(
-            "inflight tracking is not supported yet",
-        ))
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VuResult<()> {
+        let (num_queues, queue_size) = self.inflight_shape(inflight)?;
+        let region = InflightRegion::map(
+            &file,
+            inflight.mmap_size,
+            inflight.mmap_offset,
+            num_queues,
+            queue_size,
+        )
+        .map_err(|e| invalid(&e.to_string()))?;
+        self.install_inflight(region);
+        Ok(())
     }
 
     fn get_max_mem_slots(&mut self) -> VuResult<u64> {

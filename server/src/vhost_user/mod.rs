@@ -9,3 +9,4 @@
 pub mod backend_channel;
 pub mod connection;
 pub mod handler;
+pub mod inflight;

@@ -5,6 +5,7 @@
 //! request exactly once with a status, whatever fails. The vhost-user handler controls it
 //! through [`QueueShared`]: start, stop-and-drain (GET_VRING_BASE), and exit.
 
+mod chain;
 mod ops;
 mod segments;
 
@@ -27,6 +28,7 @@ use crate::disk::Disk;
 use crate::engine::{EngineError, QueueRing};
 use crate::events::{Event, IoOperation};
 use crate::stats::AcctKind;
+use crate::vhost_user::inflight::InflightQueue;
 use crate::virtio_blk::request::{self, Descriptor, DiskRange, Op, Outcome, Request, Segment};
 use crate::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use ops::{classify, AlignedBuf, InFlight, IoOp, Next, OpKind, ReadPurpose};
@@ -97,6 +99,11 @@ pub struct QueueShared {
     changed: Condvar,
     /// Results from the metadata thread: (token, ok), posted before it pokes `wake`.
     update_replies: Mutex<Vec<(u64, bool)>>,
+    /// This queue's inflight region (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), if negotiated.
+    inflight: Mutex<Option<Arc<InflightQueue>>>,
+    /// Set when the queue is (re)started (SET_VRING_KICK): the worker reconciles the inflight
+    /// region and resubmits what a previous vublk left in flight before it pops.
+    recover: std::sync::atomic::AtomicBool,
 }
 
 impl QueueShared {
@@ -109,6 +116,8 @@ impl QueueShared {
             control: Mutex::new(Control::default()),
             changed: Condvar::new(),
             update_replies: Mutex::new(Vec::new()),
+            inflight: Mutex::new(None),
+            recover: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -118,6 +127,16 @@ impl QueueShared {
         self.vring.set_kick(fd);
         self.kick_epoch.fetch_add(1, Ordering::AcqRel);
         self.poke();
+    }
+
+    /// Installs this queue's inflight region (or removes it).
+    pub fn set_inflight(&self, inflight: Option<Arc<InflightQueue>>) {
+        *self.inflight.lock().unwrap_or_else(|e| e.into_inner()) = inflight;
+    }
+
+    /// Asks the worker to reconcile the inflight region before it next pops.
+    pub fn request_recovery(&self) {
+        self.recover.store(true, Ordering::Release);
     }
 
     /// Tells the worker that the vring changed (kick fd, enable, ready).
@@ -278,6 +297,8 @@ pub fn spawn(
                 broken: false,
                 updating: std::collections::HashMap::new(),
                 next_update_token: 0,
+                inflight: None,
+                inflight_counter: 0,
             };
             worker.run();
         })
@@ -355,6 +376,9 @@ struct Worker {
     /// Requests at the metadata thread, by token.
     updating: std::collections::HashMap<u64, InFlight>,
     next_update_token: u64,
+    /// The inflight region of this queue, and the next counter value to record in it.
+    inflight: Option<Arc<InflightQueue>>,
+    inflight_counter: u64,
 }
 
 impl Worker {
@@ -395,6 +419,9 @@ impl Worker {
             let runnable = !stopping && self.runnable();
             // Look at the avail ring after a kick, and once when the queue (re)starts: the
             // driver may have queued requests before its kick fd was installed.
+            if runnable && self.shared.recover.swap(false, Ordering::AcqRel) {
+                self.recover_inflight();
+            }
             if runnable && (self.kicked || self.avail_polling || !self.was_runnable) {
                 self.kicked = false;
                 self.process_avail();
@@ -565,25 +592,7 @@ impl Worker {
                 return;
             };
             for (head, descs, truncated) in chains {
-                match request::parse(&descs, truncated, mem.as_ref(), &geo) {
-                    Ok(req) => self.start(head, req, &mem),
-                    Err(rejection) => {
-                        self.account_invalid(rejection.req_type);
-                        log::debug!(
-                            "queue {}: request {head} rejected: {}",
-                            self.shared.index,
-                            rejection.reason
-                        );
-                        match rejection.outcome() {
-                            Outcome::Status(status) => {
-                                if let Some(addr) = rejection.status {
-                                    self.complete_now(head, addr, status, 0, &mem);
-                                }
-                            }
-                            Outcome::NoStatus => self.add_used(head, 0),
-                        }
-                    }
-                }
+                self.handle_chain(head, &descs, truncated, &mem, &geo);
             }
             if self.in_flight >= POLL_AVAIL_MIN_IN_FLIGHT {
                 self.avail_polling = true;
@@ -607,6 +616,91 @@ impl Worker {
                     return;
                 }
             }
+        }
+    }
+
+    /// Parses one chain and starts it, or completes it at once when it is refused.
+    fn handle_chain(
+        &mut self,
+        head: u16,
+        descs: &[Descriptor],
+        truncated: bool,
+        mem: &Arc<GuestMemoryMmap>,
+        geo: &request::Geometry,
+    ) {
+        match request::parse(descs, truncated, mem.as_ref(), geo) {
+            Ok(req) => self.start(head, req, mem),
+            Err(rejection) => {
+                self.account_invalid(rejection.req_type);
+                log::debug!(
+                    "queue {}: request {head} rejected: {}",
+                    self.shared.index,
+                    rejection.reason
+                );
+                match rejection.outcome() {
+                    Outcome::Status(status) => {
+                        if let Some(addr) = rejection.status {
+                            self.complete_now(head, addr, status, 0, mem);
+                        }
+                    }
+                    Outcome::NoStatus => self.add_used(head, 0),
+                }
+            }
+        }
+    }
+
+    /// The queue (re)started: takes its inflight region, reconciles it with the used ring,
+    /// moves the avail index past what is in flight and resubmits those requests, oldest
+    /// first (a previous vublk popped them and died before completing them).
+    fn recover_inflight(&mut self) {
+        self.inflight = self
+            .shared
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(inflight) = self.inflight.clone() else {
+            return;
+        };
+        let mem: Arc<GuestMemoryMmap> = self.mem.memory().into_inner();
+        let (used, table, size) = {
+            let state = self.shared.vring.get_ref();
+            let queue = state.get_queue();
+            let used = queue.used_idx(mem.as_ref(), Ordering::Acquire);
+            (used, queue.desc_table(), queue.size())
+        };
+        let Ok(used) = used else {
+            log::error!(
+                "queue {}: used ring unreadable; inflight requests not resubmitted",
+                self.shared.index
+            );
+            return;
+        };
+        let recovery = inflight.recover(used.0);
+        self.inflight_counter = recovery.counter;
+        self.shared
+            .vring
+            .get_mut()
+            .get_queue_mut()
+            .set_next_avail(recovery.next_avail);
+        // A previous vublk may have put completions on the used ring whose interrupt the guest
+        // never got (it died, or the VMM was tearing the connection down): one interrupt now
+        // makes the driver look. A spurious one costs the guest nothing.
+        if let Err(e) = self.shared.vring.signal_used_queue() {
+            log::debug!("queue {}: cannot signal the guest: {e}", self.shared.index);
+        }
+        if recovery.resubmit.is_empty() {
+            return;
+        }
+        log::info!(
+            "queue {}: resubmitting {} request(s) left in flight by a previous vublk",
+            self.shared.index,
+            recovery.resubmit.len()
+        );
+        let geo = self.device.geometry(&self.disk);
+        for head in recovery.resubmit {
+            let (descs, bad) = chain::chain_at(mem.as_ref(), table, size, head);
+            self.handle_chain(head, &descs, bad, &mem, &geo);
         }
     }
 
@@ -639,6 +733,10 @@ impl Worker {
                         });
                         last_has_next = d.has_next();
                     }
+                    if let Some(inflight) = &self.inflight {
+                        inflight.begin(head, self.inflight_counter);
+                        self.inflight_counter = self.inflight_counter.wrapping_add(1);
+                    }
                     chains.push((head, descs, last_has_next));
                 }
                 Some(chains)
@@ -655,7 +753,15 @@ impl Worker {
     }
 
     fn add_used(&mut self, head: u16, len: u32) {
-        if let Err(e) = self.shared.vring.add_used(head, len) {
+        if let Some(inflight) = &self.inflight {
+            inflight.pre_put(head);
+        }
+        let added = self.shared.vring.add_used(head, len);
+        if let (Some(inflight), Ok(())) = (&self.inflight, &added) {
+            let used = self.shared.vring.get_ref().get_queue().next_used();
+            inflight.post_put(head, used);
+        }
+        if let Err(e) = added {
             log::error!(
                 "queue {}: cannot add used element {head}: {e}",
                 self.shared.index
