@@ -11,6 +11,7 @@
 # Kernel command line parameters (all optional except vublk.job):
 #   vublk.job=write|verify|info|checksum|watch
 #   vublk.changes=2        watch: how many changes of size or contents to wait for
+#   vublk.delay=0          seconds to stay idle (no disk I/O) before the job
 #   vublk.size=32M         bytes of /dev/vda the fio job covers (from vublk.offset)
 #   vublk.offset=0         where the fio job starts on /dev/vda
 #   vublk.seed=1           fio --randseed; a `verify` must use the `write` run's values
@@ -91,6 +92,7 @@ ioengine=libaio
 iodepth=8
 bssplit=4k/55:16k/20:64k/15:256k/5:1m/5
 changes=2
+delay=0
 bad_param=
 # Word splitting of /proc/cmdline is intended: one kernel parameter per word.
 # shellcheck disable=SC2013
@@ -104,6 +106,7 @@ for word in $(cat /proc/cmdline); do
 	vublk.iodepth=*) iodepth=${word#*=} ;;
 	vublk.bssplit=*) bssplit=${word#*=} ;;
 	vublk.changes=*) changes=${word#*=} ;;
+	vublk.delay=*) delay=${word#*=} ;;
 	vublk.*) bad_param=$word ;;
 	esac
 done
@@ -134,6 +137,10 @@ while [ ! -b /dev/vda ]; do
 	usleep 100000
 done
 
+if [ "$delay" -gt 0 ]; then
+	echo "init: idle for $delay s"
+	sleep "$delay"
+fi
 echo "init: /dev/vda is ready; running job $job"
 
 run_fio() {

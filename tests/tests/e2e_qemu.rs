@@ -951,3 +951,47 @@ fn restart_soak_fio_verify_over_qcow2_with_random_kills_resizes_and_swaps() -> R
     ensure!(restarts > 0, "the soak never restarted vublk");
     Ok(())
 }
+
+/// vublk restarted (SIGTERM, then SIGKILL) while the guest is idle: QEMU reconnects each time,
+/// and the guest's fio --verify afterwards passes.
+#[test]
+fn vublk_restarted_while_the_guest_is_idle_serves_it_on() -> Result<()> {
+    let _guard = guest_lock();
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let image = sparse_image(d, IMAGE_SIZE)?;
+    let socket = d.join("vhost-user-blk.sock");
+    let start = || Daemon::start(BackendKind::Vublk, &DiskOptions::raw(&image), &socket);
+    let mut daemon = start()?;
+    let mut opts = GuestOptions::new(&socket, Job::Write(FioJob::default()));
+    opts.reconnect_ms = Some(100);
+    opts.extra_append = vec!["vublk.delay=4".into()];
+    opts.console_log = Some(console_log("idle_restart", "write")?);
+    let guest = Guest::spawn(&opts)?;
+    wait_for_console(&guest, "init: idle for", std::time::Duration::from_secs(90))?;
+    for signal in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGKILL,
+    ] {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(daemon.pid())?);
+        nix::sys::signal::kill(pid, signal)?;
+        daemon.child.wait()?;
+        daemon = start()?;
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        while !queue_worker_runs(daemon.pid()) {
+            ensure!(
+                Instant::now() < deadline,
+                "QEMU did not reconnect after {signal}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+    ensure!(
+        !guest.console_so_far().contains("running job write"),
+        "the guest was not idle during the restarts; lengthen vublk.delay"
+    );
+    guest.wait()?.expect_pass()?;
+    let status = daemon.terminate()?;
+    ensure!(status.success(), "vublk exited with {status}");
+    Ok(())
+}
