@@ -55,8 +55,9 @@ fn start(dir: &Path, extra: &[&str], fds: &[(i32, i32)]) -> Daemon {
         .args(extra);
     pass_fds(&mut cmd, fds);
     let daemon = Daemon::spawn(BackendKind::Vublk, &mut cmd, &socket).unwrap();
+    // The sockets are bound before confinement: wait until the daemon is confined.
     for _ in 0..500 {
-        if dir.join("qmp.sock").exists() {
+        if dir.join("qmp.sock").exists() && status_field(daemon.pid(), None, "Seccomp") == "2" {
             break;
         }
         std::thread::sleep(Duration::from_millis(10));

@@ -23,6 +23,9 @@ use seccompiler::{
 
 use super::{SandboxError, StepOutcome};
 
+/// `BLKGETSIZE64` (`_IOR(0x12, 114, size_t)`), which libc does not name.
+const BLKGETSIZE64: u64 = 0x8008_1272;
+
 /// Set once the process filter is installed: threads then install their role's filter.
 static ACTIVE: AtomicBool = AtomicBool::new(false);
 
@@ -124,6 +127,9 @@ enum Only {
     NameOrNoNewPrivs,
     /// `ioctl` with FIONBIO (std's `set_nonblocking`).
     Fionbio,
+    /// `ioctl` with FIONBIO, or BLKGETSIZE64 (the size of a block device given as a new
+    /// medium).
+    FionbioOrBlockSize,
 }
 
 /// `stringify!(SYS_read)` without its `SYS_` prefix.
@@ -148,67 +154,67 @@ macro_rules! sys {
     };
 }
 
-/// Every thread: memory, locks, signals as Rust's runtime uses them, time, logging to stderr.
+/// Every thread: memory, locks, signal masks, logging to stderr, naming itself and installing
+/// its role filter. (What only some roles need is in their lists, even where several share it:
+/// the test `tests/tests/seccomp_allowlist.rs` checks each role uses what its list holds.)
 const COMMON: &[Syscall] = &[
-    sys!(SYS_read),               // eventfds, signalfd, sockets
-    sys!(SYS_write),              // stderr log lines, eventfd pokes
-    sys!(SYS_writev),             // stderr (env_logger writes through std's buffered stderr)
-    sys!(SYS_close),              // dropping fds
-    sys!(SYS_futex),              // Mutex, Condvar, thread join
-    sys!(SYS_mmap, Only::NoExec), // allocator, thread stacks, guest memory regions
-    sys!(SYS_munmap),
-    sys!(SYS_mprotect, Only::NoExec), // thread stack guard pages
-    sys!(SYS_madvise),                // allocator returning memory
-    sys!(SYS_mremap),                 // Vec growth of large buffers
-    sys!(SYS_brk),
-    sys!(SYS_rt_sigprocmask), // thread start masks signals
-    sys!(SYS_rt_sigreturn),
-    sys!(SYS_sigaltstack), // Rust's stack overflow handler, per thread
-    sys!(SYS_sched_yield),
-    sys!(SYS_exit), // a thread ends
-    sys!(SYS_exit_group),
-    sys!(SYS_getpid),
-    sys!(SYS_gettid),
-    sys!(SYS_clock_gettime),   // Instant::now (when the vDSO is not used)
-    sys!(SYS_clock_nanosleep), // thread::sleep (backoffs)
-    sys!(SYS_getrandom),       // HashMap seeds
-    sys!(SYS_rseq),            // glibc registers each new thread
-    sys!(SYS_set_robust_list), // glibc, each new thread
+    sys!(SYS_write),                         // stderr log lines, eventfd pokes
+    sys!(SYS_close),                         // dropping fds
+    sys!(SYS_futex),                         // Mutex, Condvar, channels, thread join
+    sys!(SYS_mmap, Only::NoExec),            // allocator, thread stacks, guest memory regions
+    sys!(SYS_munmap),                        // allocator, a thread's signal stack when it ends
+    sys!(SYS_mprotect, Only::NoExec),        // thread stack guard pages, allocator arenas
+    sys!(SYS_madvise),                       // allocator returning memory, an ended thread's stack
+    sys!(SYS_rt_sigprocmask),                // thread start and end mask signals
+    sys!(SYS_sigaltstack),                   // Rust's stack overflow handler, per thread
+    sys!(SYS_clock_gettime), // Instant::now, log timestamps (when the vDSO is not used)
+    sys!(SYS_restart_syscall), // a wait interrupted by SIGSTOP/SIGCONT resumes
     sys!(SYS_prctl, Only::NameOrNoNewPrivs), // thread names; installing the role filter
-    sys!(SYS_seccomp),         // installing the role filter
-    sys!(SYS_fcntl),           // F_GETFL checks, F_DUPFD_CLOEXEC
-    sys!(SYS_fstat),
-    sys!(SYS_statx),      // std's File::metadata
-    sys!(SYS_newfstatat), // fstat through glibc
-    sys!(SYS_lseek),
-    sys!(SYS_sched_getaffinity), // glibc thread start
-    sys!(SYS_restart_syscall),
-    sys!(SYS_ioctl, Only::Fionbio), // set_nonblocking on sockets
+    sys!(SYS_seccomp),       // installing the role filter
+    // The crash paths: Rust's SIGSEGV/SIGBUS handler puts the default action back and returns
+    // so the fault kills the process (instead of looping in the handler), and abort() raises
+    // SIGABRT at the calling thread.
+    sys!(SYS_rt_sigaction),
+    sys!(SYS_rt_sigreturn),
+    sys!(SYS_getpid),
+    sys!(SYS_tgkill),
 ];
 
-/// The main thread after setup.
+/// The main thread after setup (it starts the other threads before narrowing its filter).
 const MAIN: &[Syscall] = &[
-    sys!(SYS_poll),      // waiting for a signal or quit
-    sys!(SYS_shutdown),  // ending the vhost-user connection on SIGTERM
-    sys!(SYS_fdatasync), // flushing the medium on exit
-    sys!(SYS_clone, Only::Thread),
+    sys!(SYS_poll),                // waiting for a signal or quit
+    sys!(SYS_read),                // the signalfd
+    sys!(SYS_shutdown),            // ending the vhost-user connection on SIGTERM
+    sys!(SYS_fdatasync),           // flushing the medium on exit
+    sys!(SYS_fcntl),               // std's debug-build check that an fd is open before closing it
+    sys!(SYS_brk),                 // the allocator trimming its main heap (the disk freed on exit)
+    sys!(SYS_exit_group),          // the process ends
+    sys!(SYS_clone, Only::Thread), // the vhost-user, control and first metadata threads
 ];
 
 /// The vhost-user thread.
 const VHOST_USER: &[Syscall] = &[
-    sys!(SYS_recvmsg),  // vhost-user messages with fds
-    sys!(SYS_sendmsg),  // replies; the backend channel
-    sys!(SYS_recvfrom), // peeking at the next message
-    sys!(SYS_sendto),
-    sys!(SYS_accept4),    // the next frontend
-    sys!(SYS_poll),       // waiting for a frontend or shutdown
-    sys!(SYS_getsockopt), // SO_PEERCRED
-    sys!(SYS_setsockopt), // backend channel timeouts
-    sys!(SYS_shutdown),
-    sys!(SYS_eventfd2),            // each queue's wake eventfd
-    sys!(SYS_memfd_create),        // the inflight region (GET_INFLIGHT_FD)
-    sys!(SYS_ftruncate),           // sizing it
+    sys!(SYS_recvmsg),              // vhost-user messages with fds
+    sys!(SYS_sendmsg),              // replies
+    sys!(SYS_recvfrom),             // peeking at the next message
+    sys!(SYS_accept4),              // the next frontend
+    sys!(SYS_poll),                 // waiting for a frontend or shutdown
+    sys!(SYS_getsockopt),           // SO_PEERCRED
+    sys!(SYS_setsockopt),           // backend channel timeouts
+    sys!(SYS_shutdown),             // a connection accepted while shutdown was being requested
+    sys!(SYS_ioctl, Only::Fionbio), // set_nonblocking on the listener and connections
+    sys!(SYS_fcntl),                // try_clone (F_DUPFD_CLOEXEC); std's debug check before close
+    sys!(SYS_statx),                // checking the socket file is still vublk's before removing it
+    sys!(SYS_eventfd2),             // each queue's wake eventfd
+    sys!(SYS_memfd_create),         // the inflight region (GET_INFLIGHT_FD)
+    sys!(SYS_ftruncate),            // sizing it
+    sys!(SYS_sched_yield), // std's sync_channel backing off (a worker reporting it started)
     sys!(SYS_clone, Only::Thread), // queue workers
+    sys!(SYS_rseq),        // glibc registers a new thread
+    sys!(SYS_set_robust_list), // glibc, a new thread
+    sys!(SYS_sched_getaffinity), // glibc, a new thread's attributes
+    sys!(SYS_gettid),      // Rust's thread start
+    sys!(SYS_exit),        // the thread ends
 ];
 
 /// A queue worker.
@@ -216,49 +222,68 @@ const WORKER: &[Syscall] = &[
     sys!(SYS_io_uring_setup), // its ring, restricted before it is enabled
     sys!(SYS_io_uring_enter),
     sys!(SYS_io_uring_register), // restrictions, fixed files, enabling
-    sys!(SYS_pread64),           // O_NONBLOCK fds whose I/O io_uring answered EAGAIN
-    sys!(SYS_pwrite64),
-    sys!(SYS_preadv),
-    sys!(SYS_pwritev),
-    sys!(SYS_pwritev2), // writethrough (RWF_DSYNC) on that path
-    sys!(SYS_fdatasync),
-    sys!(SYS_fallocate),
+    sys!(SYS_preadv),            // O_NONBLOCK fds whose I/O io_uring answered EAGAIN
+    sys!(SYS_pwritev2),          // the same for writes (RWF_DSYNC for writethrough)
+    sys!(SYS_fcntl),             // std's debug-build check that an fd is open before closing it
+    sys!(SYS_brk),               // the allocator trimming its main heap after a free here
+    sys!(SYS_getrandom),         // HashMap seeds
+    sys!(SYS_clock_nanosleep),   // backing off after an io_uring_enter failure
+    sys!(SYS_sched_yield),       // std's channels backing off (jobs for the metadata thread)
+    sys!(SYS_rseq),              // glibc registers a new thread
+    sys!(SYS_set_robust_list),   // glibc, a new thread
+    sys!(SYS_sched_getaffinity), // glibc, a new thread's attributes
+    sys!(SYS_gettid),            // Rust's thread start
+    sys!(SYS_exit),              // the thread ends
 ];
 
 /// The control thread.
 const CONTROL: &[Syscall] = &[
     sys!(SYS_poll), // clients, listener, events, shutdown
     sys!(SYS_accept4),
-    sys!(SYS_recvmsg), // commands with fds
-    sys!(SYS_sendmsg), // backend channel
-    sys!(SYS_sendto),
-    sys!(SYS_recvfrom), // backend channel replies
-    sys!(SYS_getsockopt),
-    sys!(SYS_setsockopt),
-    sys!(SYS_shutdown),
+    sys!(SYS_recvmsg),                         // commands with fds
+    sys!(SYS_sendto),                          // replies and events; the backend channel
+    sys!(SYS_recvfrom),                        // backend channel replies
+    sys!(SYS_read),                            // the event queue's eventfd
+    sys!(SYS_shutdown),                        // ending the vhost-user connection on quit
+    sys!(SYS_ioctl, Only::FionbioOrBlockSize), // set_nonblocking; a block device medium's size
+    sys!(SYS_fcntl),                           // F_GETFL of passed fds, F_DUPFD_CLOEXEC for fd sets
+    sys!(SYS_newfstatat),                      // fstat of passed fds (through glibc)
+    sys!(SYS_statx), // checking the socket file is still vublk's before removing it
     sys!(SYS_ftruncate), // block_resize of a raw medium
     sys!(SYS_fdatasync), // flushing a medium before a change
     sys!(SYS_fallocate), // punching freed clusters in qcow2 resize
-    sys!(SYS_pread64),   // qcow2 resize: header, tables
+    sys!(SYS_pread64), // qcow2 resize: header, tables
     sys!(SYS_pwrite64),
-    sys!(SYS_io_uring_setup), // qcow2 metadata I/O batches
-    sys!(SYS_io_uring_enter),
-    sys!(SYS_io_uring_register),
+    sys!(SYS_getrandom),           // HashMap seeds
+    sys!(SYS_clock_nanosleep),     // backing off after a poll failure
     sys!(SYS_clone, Only::Thread), // metadata threads of new media
+    #[cfg(feature = "sandbox-probe")]
+    sys!(SYS_io_uring_register), // x-sandbox-probe's restricted queue ring (test builds only)
+    sys!(SYS_rseq),                // glibc registers a new thread
+    sys!(SYS_set_robust_list),     // glibc, a new thread
+    sys!(SYS_sched_getaffinity),   // glibc, a new thread's attributes
+    sys!(SYS_gettid),              // Rust's thread start
+    sys!(SYS_exit),                // the thread ends
 ];
 
 /// A metadata thread.
 const META: &[Syscall] = &[
     sys!(SYS_pread64),
     sys!(SYS_pwrite64),
-    sys!(SYS_preadv),
-    sys!(SYS_pwritev),
     sys!(SYS_fdatasync),
-    sys!(SYS_fallocate), // punching freed clusters, growing the file
-    sys!(SYS_ftruncate),
+    sys!(SYS_fallocate),      // punching freed clusters, zeroing ranges
+    sys!(SYS_ftruncate),      // growing the file
+    sys!(SYS_newfstatat),     // the file's size (fstat through glibc)
     sys!(SYS_io_uring_setup), // its batch ring
     sys!(SYS_io_uring_enter),
-    sys!(SYS_io_uring_register),
+    sys!(SYS_getrandom),         // HashMap seeds
+    sys!(SYS_clock_nanosleep),   // backing off after a batch ring failure
+    sys!(SYS_sched_yield),       // std's channels backing off (the job queue)
+    sys!(SYS_rseq),              // glibc registers a new thread
+    sys!(SYS_set_robust_list),   // glibc, a new thread
+    sys!(SYS_sched_getaffinity), // glibc, a new thread's attributes
+    sys!(SYS_gettid),            // Rust's thread start
+    sys!(SYS_exit),              // the thread ends
 ];
 
 /// The syscalls killed outright: running code, or reading another process.
@@ -300,6 +325,10 @@ fn rules_for(s: &Syscall) -> Result<Vec<SeccompRule>, seccompiler::BackendError>
             SeccompCmpOp::Eq,
             libc::FIONBIO,
         )?])?],
+        Only::FionbioOrBlockSize => vec![
+            SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, libc::FIONBIO)?])?,
+            SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, BLKGETSIZE64)?])?,
+        ],
         Only::NameOrNoNewPrivs => vec![
             SeccompRule::new(vec![cond(0, SeccompCmpOp::Eq, libc::PR_SET_NAME as u64)?])?,
             SeccompRule::new(vec![cond(
