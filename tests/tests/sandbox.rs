@@ -45,6 +45,8 @@ fn image(dir: &Path) -> std::path::PathBuf {
 fn start(dir: &Path, extra: &[&str], fds: &[(i32, i32)]) -> Daemon {
     let socket = dir.join("vu.sock");
     let mut cmd = Command::new(vublk_bin());
+    // These tests are about the confined daemon, whatever the suite's default.
+    cmd.env_remove("VUBLK_SANDBOX");
     cmd.arg("serve")
         .arg("--image")
         .arg(image(dir))
@@ -267,7 +269,8 @@ fn ready_is_sent_on_notify_socket_once_confined() {
         .arg(image(dir.path()))
         .args(["--format", "raw", "--socket-path"])
         .arg(&socket)
-        .env("NOTIFY_SOCKET", &notify);
+        .env("NOTIFY_SOCKET", &notify)
+        .env_remove("VUBLK_SANDBOX");
     let daemon = Daemon::spawn(BackendKind::Vublk, &mut cmd, &socket).unwrap();
     let mut buf = [0u8; 64];
     let n = listener.recv(&mut buf).unwrap();
