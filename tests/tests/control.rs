@@ -297,6 +297,9 @@ fn fd_sets_leak_no_fd_across_many_adds_changes_and_removes() {
     let mut guest = BlkClient::connect(&served.daemon.socket, 1).unwrap();
     assert_eq!(read_byte(&mut guest, 0), vec![0x40 + (39 % 3) as u8; 4096]);
     drop(guest);
+    // The connection's fds (ring, eventfds, guest memory) go when vublk has torn it down.
+    qmp.events(&["VHOST_USER_DISCONNECTED"], EVENT_WAIT)
+        .unwrap();
     qmp.ok("eject", json!({"id": "disk0"})).unwrap();
     let sets = qmp.ok("query-fdsets", json!({})).unwrap();
     assert_eq!(sets, json!([]), "the last dup closed with the eject");
