@@ -676,7 +676,9 @@ fn survive_restarts(image_kind: &str, signal: nix::sys::signal::Signal) -> Resul
             (top, "qcow2", Some(base))
         }
     };
-    let logs: Vec<PathBuf> = (0..3).map(|i| d.join(format!("vublk-{i}.log"))).collect();
+    // Up to 6 restarts: SIGKILL keeps going until one restart found requests in flight (after
+    // at least 2), SIGTERM does 2.
+    let logs: Vec<PathBuf> = (0..7).map(|i| d.join(format!("vublk-{i}.log"))).collect();
     let start = |log: &Path| -> Result<Daemon> {
         let mut cmd = std::process::Command::new(vublk_tests::daemon::vublk_bin());
         cmd.arg("serve")
@@ -710,8 +712,31 @@ fn survive_restarts(image_kind: &str, signal: nix::sys::signal::Signal) -> Resul
         std::time::Duration::from_secs(90),
     )?;
     let mut stalls = Vec::new();
-    for log in &logs[1..] {
-        std::thread::sleep(std::time::Duration::from_millis(900));
+    let resubmitted_in = |log: &Path| {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .matches("resubmitting")
+            .count()
+    };
+    for (used, log) in (1..).zip(logs[1..].iter()) {
+        let found = logs[..used]
+            .iter()
+            .map(|l| resubmitted_in(l))
+            .sum::<usize>()
+            > 0;
+        let enough = if signal == nix::sys::signal::Signal::SIGKILL {
+            used > 2 && found
+        } else {
+            used > 2
+        };
+        if enough || guest.console_so_far().contains("VUBLK-E2E-RESULT") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(if used == 1 {
+            900
+        } else {
+            400
+        }));
         let killed_at = Instant::now();
         let pid = nix::unistd::Pid::from_raw(i32::try_from(daemon.pid())?);
         nix::sys::signal::kill(pid, signal)?;
@@ -727,9 +752,14 @@ fn survive_restarts(image_kind: &str, signal: nix::sys::signal::Signal) -> Resul
                 killed_at.elapsed() < std::time::Duration::from_secs(30),
                 "QEMU did not reconnect to the restarted vublk"
             );
+            if guest.console_so_far().contains("VUBLK-E2E-RESULT") {
+                break;
+            }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         stalls.push(killed_at.elapsed());
+        // Give the new vublk time to log what it resubmitted.
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let out = guest.wait()?;
     out.expect_pass()?;
@@ -743,7 +773,8 @@ fn survive_restarts(image_kind: &str, signal: nix::sys::signal::Signal) -> Resul
         })
         .sum();
     eprintln!(
-        "{image_kind}, {signal}: fio passed across 2 restarts; signal to serving again: {stalls:?}; restarts that resubmitted requests: {resubmitted}"
+        "{image_kind}, {signal}: fio passed across {} restarts; signal to serving again: {stalls:?}; restarts that resubmitted requests: {resubmitted}",
+        stalls.len()
     );
     // qcow2 allocation keeps requests in flight long enough for a kill to find some (raw
     // writes complete in microseconds while the TCG guest is the bottleneck); SIGTERM drains.
