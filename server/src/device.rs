@@ -157,6 +157,14 @@ impl Device {
         self.writeback.load(Ordering::Acquire)
     }
 
+    /// The queues of the current connection.
+    fn attached_queues(&self) -> Vec<Arc<QueueShared>> {
+        self.queues
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Registers a queue of a new connection. Called before its worker starts, so a medium
     /// change that begins afterwards pauses it too.
     pub fn attach_queue(&self, queue: &Arc<QueueShared>) {
@@ -181,11 +189,7 @@ impl Device {
         change: impl FnOnce(&Arc<Disk>) -> Result<(Option<Disk>, T), E>,
     ) -> Result<T, E> {
         let _changing = self.changing.lock().unwrap_or_else(|e| e.into_inner());
-        let queues: Vec<Arc<QueueShared>> = self
-            .queues
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let queues = self.attached_queues();
         for queue in &queues {
             queue.pause();
         }
@@ -220,11 +224,7 @@ impl Device {
     /// connected, so it sees every completion before the connection goes.
     pub fn drain_for_exit(&self) {
         let _changing = self.changing.lock().unwrap_or_else(|e| e.into_inner());
-        let queues: Vec<Arc<QueueShared>> = self
-            .queues
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let queues = self.attached_queues();
         for queue in &queues {
             queue.pause();
         }
